@@ -1,0 +1,220 @@
+"""The ``pyro-perturb`` command.
+
+Subcommands: ``models``, ``simulate``, ``fit``, ``evaluate``, ``predict``, ``demo``.
+Bad input (a missing column, an unknown perturbation, a non-count matrix, a bad
+setting) ends with a one-line ``error: ...`` on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import sys
+from pathlib import Path
+
+SIMULATORS = {"sparse-shift": "sparse_shift", "combinatorial": "combinatorial", "factorized": "factorized"}
+
+
+class UsageError(ValueError):
+    pass
+
+
+def _parse_value(text: str):
+    """``--set`` values: Python literals (numbers, bools, None, lists, dicts) or strings."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _parse_sets(items: list[str] | None) -> dict:
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise UsageError(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip().replace("-", "_")] = _parse_value(value)
+    return out
+
+
+def cmd_models(args) -> int:
+    from .registry import list_models
+
+    for entry in list_models():
+        print(f"{entry.name:<14} {entry.description}")
+    return 0
+
+
+def cmd_simulate(args) -> int:
+    from .data import simulate
+
+    sizes = _parse_sets(args.set)
+    fn = getattr(simulate, SIMULATORS[args.kind])
+    try:
+        adata = fn(seed=args.seed, **sizes)
+    except TypeError as e:
+        raise UsageError(f"bad size option for {args.kind}: {e}") from None
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    adata.write_h5ad(out)
+    print(f"wrote {out}: {adata.n_obs} cells x {adata.n_vars} genes")
+    return 0
+
+
+def cmd_fit(args) -> int:
+    from .run import fit
+
+    settings = _parse_sets(args.set)
+    for key in ("perturbation_key", "control", "layer", "split_key", "max_epochs", "batch_size", "lr", "seed", "device"):
+        value = getattr(args, key)
+        if value is not None:
+            settings[key] = value
+    if args.n_latent is not None:
+        settings["n_latent"] = args.n_latent
+    if args.covariate_keys is not None:
+        settings["covariate_keys"] = [k for k in args.covariate_keys.split(",") if k]
+    settings.setdefault("progress", sys.stderr.isatty() and not args.quiet)
+    run = fit(args.data, model=args.model, out=args.out, resume=args.resume, **settings)
+    last = run.history[-1] if run.history else {}
+    print(
+        f"trained {args.model} for {len(run.history)} epochs; final train loss "
+        f"{last.get('train_loss', float('nan')):.4f}, validation loss {last.get('val_loss', float('nan')):.4f} "
+        f"(per cell); run saved to {args.out}"
+    )
+    return 0
+
+
+def _data_for(run, path):
+    if path is not None:
+        return path
+    source = run.data_options.get("source", {})
+    if source.get("path"):
+        return source["path"]
+    if source.get("builtin"):
+        from .run import builtin_data
+
+        return builtin_data(source["builtin"], seed=source.get("seed", 0))[0]
+    raise UsageError("the run was trained on in-memory data; pass --data FILE.h5ad")
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import write_metrics
+    from .run import load_run
+
+    run = load_run(args.run_dir, device=args.device)
+    out = Path(args.out)
+    results = run.evaluate(_data_for(run, args.data), num_particles=args.num_particles, out_dir=out.parent, seed=args.seed)
+    write_metrics(results, out)
+    summary = {s: results[s].get("iwelbo") for s in ("train", "val", "test") if s in results}
+    print(f"wrote {out}; iwelbo per split: {json.dumps(summary)}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .run import load_run
+
+    run = load_run(args.run_dir, device=args.device)
+    adata = run.predict(args.data)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    adata.write_h5ad(out)
+    print(f"wrote {out} with obsm keys {sorted(adata.obsm.keys())}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, quick=args.quick, seed=args.seed)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pyro-perturb", description="Pyro model zoo for single-cell perturbation data")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"pyro-perturb {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list the registered models")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("simulate", help="write a simulated dataset with ground truth")
+    p.add_argument("kind", choices=sorted(SIMULATORS))
+    p.add_argument("--out", required=True, help="output .h5ad")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="size option, e.g. n_genes=50 (repeatable)")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("fit", help="train a model and write a run directory")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", help=".h5ad with raw counts (default: built-in simulated data)")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--perturbation-key")
+    p.add_argument("--control")
+    p.add_argument("--covariate-keys", help="comma-separated obs columns")
+    p.add_argument("--layer")
+    p.add_argument("--split-key")
+    p.add_argument("--max-epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--n-latent", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="model or training setting (repeatable)")
+    p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("evaluate", help="held-out IWELBO and the model's metrics, as metrics.json")
+    p.add_argument("run_dir")
+    p.add_argument("--data")
+    p.add_argument("--out", required=True, help="metrics.json path; other outputs go beside it")
+    p.add_argument("--num-particles", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="posterior-mean latents into obsm of a copy of the data")
+    p.add_argument("run_dir")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("demo", help="the main job on built-in data: simulate, fit, evaluate, plot")
+    p.add_argument("--out", default="demo_out")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="tiny settings (seconds; for smoke tests)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        from .infer import TrainingDivergedError
+
+        if not isinstance(e, TrainingDivergedError):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; resume with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

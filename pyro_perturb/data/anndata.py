@@ -1,0 +1,583 @@
+"""AnnData -> tensors: the data contract of pyro-perturb.
+
+:class:`PerturbationData` turns an :class:`anndata.AnnData` into what every model of the
+zoo consumes (see :class:`~pyro_perturb.data.batch.Batch`):
+
+* ``counts``: the raw count matrix, ``adata.X`` or ``adata.layers[layer]``, kept as it is
+  (dense, CSR or backed on disk) and read batch by batch, never densified whole;
+* ``dosage``: a sparse ``(n_cells, n_perturbations)`` matrix over the vocabulary of
+  *single* perturbations: 0 for control cells, one-hot for a single perturbation,
+  multi-hot for a combination ``A+B``, optionally scaled by a dose column;
+* ``labels``: the code of each cell's full perturbation label (combinations are labels of
+  their own; code 0 is the control), used by the one-hot models (SVAE+, sVAE, iVAE);
+* ``covariates``: ``(n_cells, n_covariate_keys)`` integer codes of categorical columns;
+* ``library``: the observed library size (total counts) of each cell;
+* ``split``: ``train`` / ``val`` / ``test`` per cell.
+
+:class:`DataSpec` is what a trained model remembers about its data (genes, vocabularies);
+passing it back to :meth:`PerturbationData.from_anndata` encodes new data with the same
+vocabulary and refuses perturbations, genes or covariate values the model never learned.
+
+Every problem with the input raises a :class:`ValueError` that names the column, value or
+shape at fault.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from .batch import Batch
+from .splits import random_split
+
+SPLITS = ("train", "val", "test")
+_CHUNK = 4096  # rows read at a time when scanning counts (bounded memory on backed data)
+
+
+@dataclass
+class DataSpec:
+    """What a model knows about its data; saved in a run's ``config.json``.
+
+    Attributes:
+        genes: gene names, in column order (length G).
+        perturbations: vocabulary of single perturbations (dosage columns, length T).
+        labels: full perturbation labels seen in training data; ``labels[0]`` is the
+            control; combinations such as ``"A+B"`` are labels of their own.
+        covariate_keys: names of the categorical ``obs`` columns used as covariates.
+        covariate_categories: for each covariate key, its categories (codes index them).
+        control: the control label.
+        separator: the combination separator.
+        perturbation_key, layer, dose_key: where the data came from.
+    """
+
+    genes: list[str]
+    perturbations: list[str]
+    labels: list[str]
+    covariate_keys: list[str] = field(default_factory=list)
+    covariate_categories: list[list[str]] = field(default_factory=list)
+    control: str = "control"
+    separator: str = "+"
+    perturbation_key: str = "perturbation"
+    layer: str | None = None
+    dose_key: str | None = None
+
+    @property
+    def n_genes(self) -> int:
+        return len(self.genes)
+
+    @property
+    def n_perturbations(self) -> int:
+        return len(self.perturbations)
+
+    @property
+    def n_labels(self) -> int:
+        return len(self.labels)
+
+    @property
+    def covariate_sizes(self) -> list[int]:
+        return [len(c) for c in self.covariate_categories]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DataSpec":
+        return cls(**d)
+
+    def dosage_of(self, label: str, dose: float = 1.0) -> np.ndarray:
+        """Dosage vector ``(T,)`` of a label such as ``"A"``, ``"A+B"`` or the control."""
+        vec = np.zeros(self.n_perturbations, dtype=np.float32)
+        index = {p: i for i, p in enumerate(self.perturbations)}
+        for part in split_label(label, self.control, self.separator):
+            if part not in index:
+                raise ValueError(
+                    f"perturbation {part!r} (in label {label!r}) is not in the model's "
+                    f"vocabulary of {self.n_perturbations} perturbations"
+                )
+            vec[index[part]] += dose
+        return vec
+
+
+def split_label(label: str, control: str, separator: str) -> list[str]:
+    """Components of a perturbation label; the control has none."""
+    if label == control:
+        return []
+    parts = [p.strip() for p in str(label).split(separator)]
+    if any(p == "" for p in parts):
+        raise ValueError(
+            f"perturbation label {label!r} has an empty component "
+            f"(separator {separator!r})"
+        )
+    if control in parts:
+        raise ValueError(
+            f"perturbation label {label!r} combines the control label {control!r} with "
+            "other perturbations; write the treated components alone"
+        )
+    return parts
+
+
+def canonical_label(label: str, control: str, separator: str) -> str:
+    """``"B+A"`` and ``"A+B"`` are the same combination: sort the components."""
+    parts = split_label(label, control, separator)
+    return control if not parts else separator.join(sorted(parts))
+
+
+def _names(values: Sequence, limit: int = 5) -> str:
+    values = list(values)
+    shown = ", ".join(repr(v) for v in values[:limit])
+    return shown + (f", ... ({len(values)} in all)" if len(values) > limit else "")
+
+
+class PerturbationData:
+    """Tensors for the models of the zoo, read from an AnnData (see module docstring).
+
+    Build it with :meth:`from_anndata`; iterate minibatches with :meth:`batches`.
+    """
+
+    def __init__(
+        self,
+        adata,
+        counts,
+        dosage: sp.csr_matrix,
+        labels: np.ndarray,
+        covariates: np.ndarray,
+        library: np.ndarray,
+        split: np.ndarray,
+        spec: DataSpec,
+    ) -> None:
+        self.adata = adata
+        self.counts = counts
+        self.dosage = dosage
+        self.labels = labels
+        self.covariates = covariates
+        self.library = library
+        self.split = split
+        self.spec = spec
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_anndata(
+        cls,
+        adata,
+        perturbation_key: str = "perturbation",
+        control: str = "control",
+        covariate_keys: Sequence[str] = (),
+        layer: str | None = None,
+        split_key: str = "split",
+        combination_separator: str = "+",
+        dose_key: str | None = None,
+        spec: DataSpec | None = None,
+        seed: int = 0,
+        require_expressed_genes: bool | None = None,
+    ) -> "PerturbationData":
+        """Validate and encode ``adata``.
+
+        Args:
+            adata: an AnnData (in memory or opened with ``backed="r"``).
+            perturbation_key: ``obs`` column of perturbation labels.
+            control: the control label in that column.
+            covariate_keys: categorical ``obs`` columns used as covariates.
+            layer: read counts from ``adata.layers[layer]`` instead of ``adata.X``.
+            split_key: ``obs`` column with ``train``/``val``/``test``; when absent a
+                seeded random 64/16/20 cell split is drawn.
+            combination_separator: separator of combination labels (``"A+B"``).
+            dose_key: optional ``obs`` column of doses: a number scales every component,
+                a string such as ``"1.0+0.5"`` gives one dose per component.
+            spec: the vocabulary of a trained model. When given, the data is encoded
+                with it (prediction/evaluation) and anything unknown is refused; the
+                other vocabulary arguments default to the spec's.
+            seed: seed of the random split.
+            require_expressed_genes: refuse genes with zero counts in every cell
+                (default: True when building a new vocabulary, False with ``spec``).
+        """
+        if not hasattr(adata, "obs") or not hasattr(adata, "X"):
+            raise ValueError(f"expected an AnnData object, got {type(adata).__name__}")
+        if spec is not None:
+            perturbation_key = spec.perturbation_key
+            control = spec.control
+            combination_separator = spec.separator
+            covariate_keys = spec.covariate_keys
+            layer = spec.layer if layer is None else layer
+            dose_key = spec.dose_key if dose_key is None else dose_key
+        if require_expressed_genes is None:
+            require_expressed_genes = spec is None
+        covariate_keys = list(covariate_keys)
+        n_cells, n_genes = adata.shape
+        if n_cells == 0:
+            raise ValueError("the AnnData has no cells (n_obs = 0)")
+        if n_genes == 0:
+            raise ValueError("the AnnData has no genes (n_vars = 0)")
+
+        obs = adata.obs
+        for key, role in [(perturbation_key, "perturbation")] + [
+            (k, "covariate") for k in covariate_keys
+        ] + ([(dose_key, "dose")] if dose_key else []):
+            if key not in obs.columns:
+                raise ValueError(
+                    f"{role} column {key!r} not found in adata.obs; "
+                    f"available columns: {_names(obs.columns, 20)}"
+                )
+
+        # perturbation labels ------------------------------------------------------
+        raw = obs[perturbation_key]
+        missing = raw.isna().to_numpy()
+        if missing.any():
+            raise ValueError(
+                f"obs[{perturbation_key!r}] has {int(missing.sum())} missing values "
+                f"(first at cell {adata.obs_names[np.argmax(missing)]!r}); label every "
+                f"cell, controls with {control!r}"
+            )
+        raw = raw.astype(str).str.strip().to_numpy()
+        empty = raw == ""
+        if empty.any():
+            raise ValueError(
+                f"obs[{perturbation_key!r}] has {int(empty.sum())} empty labels (first at "
+                f"cell {adata.obs_names[np.argmax(empty)]!r})"
+            )
+        uniques, inverse = np.unique(raw, return_inverse=True)
+        canon_of_unique = [canonical_label(u, control, combination_separator) for u in uniques]
+
+        if spec is None:
+            if control not in set(canon_of_unique):
+                raise ValueError(
+                    f"control label {control!r} not found in obs[{perturbation_key!r}]; "
+                    f"labels seen: {_names(uniques, 10)}. Pass the right one with "
+                    "control=... (--control on the command line)"
+                )
+            singles = sorted(
+                {p for lab in canon_of_unique for p in split_label(lab, control, combination_separator)}
+            )
+            labels = [control] + sorted({lab for lab in canon_of_unique if lab != control})
+        else:
+            singles, labels = list(spec.perturbations), list(spec.labels)
+            known = set(singles)
+            unknown = sorted(
+                {
+                    p
+                    for lab in canon_of_unique
+                    for p in split_label(lab, control, combination_separator)
+                    if p not in known
+                }
+            )
+            if unknown:
+                raise ValueError(
+                    f"obs[{perturbation_key!r}] holds perturbations the model never learned: "
+                    f"{_names(unknown)}. Known perturbations: {_names(singles, 10)}"
+                )
+        single_index = {p: i for i, p in enumerate(singles)}
+        label_index = {lab: i for i, lab in enumerate(labels)}
+        # a combination of known singles that the vocabulary has no label for gets -1
+        label_codes = np.array([label_index.get(c, -1) for c in canon_of_unique], dtype=np.int64)
+        cell_labels = label_codes[inverse]
+
+        # dosage: multi-hot over singles, scaled by doses ----------------------------
+        parts_of_unique = [split_label(c, control, combination_separator) for c in canon_of_unique]
+        doses = _read_doses(obs, dose_key, combination_separator, parts_of_unique, inverse, raw)
+        rows, cols, vals = [], [], []
+        for i, u in enumerate(inverse):
+            for j, part in enumerate(parts_of_unique[u]):
+                rows.append(i)
+                cols.append(single_index[part])
+                vals.append(doses[i][j] if doses is not None else 1.0)
+        dosage = sp.csr_matrix(
+            (np.asarray(vals, dtype=np.float32), (np.asarray(rows), np.asarray(cols))),
+            shape=(n_cells, len(singles)),
+        )
+        dosage.sum_duplicates()
+
+        # covariates ---------------------------------------------------------------
+        cov_codes = np.zeros((n_cells, len(covariate_keys)), dtype=np.int64)
+        categories: list[list[str]] = []
+        for k, key in enumerate(covariate_keys):
+            col = obs[key]
+            if col.isna().any():
+                raise ValueError(
+                    f"covariate column {key!r} has {int(col.isna().sum())} missing values"
+                )
+            values = col.astype(str).to_numpy()
+            if spec is None:
+                cats = sorted(set(values))
+            else:
+                cats = list(spec.covariate_categories[k])
+                unknown = sorted(set(values) - set(cats))
+                if unknown:
+                    raise ValueError(
+                        f"covariate column {key!r} holds values the model never saw: "
+                        f"{_names(unknown)}; known: {_names(cats, 10)}"
+                    )
+            lookup = {c: i for i, c in enumerate(cats)}
+            cov_codes[:, k] = [lookup[v] for v in values]
+            categories.append(cats)
+
+        # counts -------------------------------------------------------------------
+        if layer is not None:
+            if layer not in adata.layers.keys():
+                raise ValueError(
+                    f"layer {layer!r} not found; available layers: {_names(adata.layers.keys())}"
+                )
+            counts = adata.layers[layer]
+        else:
+            counts = adata.X
+        if counts is None:
+            raise ValueError("adata.X is empty (None); pass layer=... to read counts from a layer")
+        genes = [str(g) for g in adata.var_names]
+        if spec is not None and genes != list(spec.genes):
+            missing_genes = [g for g in spec.genes if g not in set(genes)]
+            if missing_genes:
+                raise ValueError(
+                    f"the data lacks {len(missing_genes)} genes the model was trained on: "
+                    f"{_names(missing_genes)}"
+                )
+            raise ValueError(
+                "the data's genes differ from the model's (extra genes or another order); "
+                "subset and order them as the model's: adata[:, genes]"
+            )
+        library, gene_totals = _scan_counts(counts, n_cells, n_genes, genes)
+        if require_expressed_genes and (gene_totals == 0).any():
+            zero = [genes[g] for g in np.flatnonzero(gene_totals == 0)]
+            raise ValueError(
+                f"{len(zero)} genes have zero counts in every cell: {_names(zero)}. "
+                "Remove them first, e.g. adata = adata[:, adata.X.sum(0).A1 > 0]"
+            )
+        if (library == 0).any():
+            first = adata.obs_names[int(np.argmax(library == 0))]
+            raise ValueError(
+                f"{int((library == 0).sum())} cells have zero total counts (first: {first!r}); "
+                "remove empty cells"
+            )
+
+        # split ---------------------------------------------------------------------
+        if split_key is not None and split_key in obs.columns:
+            split = obs[split_key].astype(str).to_numpy()
+            bad = sorted(set(split) - set(SPLITS))
+            if bad:
+                raise ValueError(
+                    f"obs[{split_key!r}] may only hold {SPLITS}; found {_names(bad)}"
+                )
+        else:
+            split = random_split(n_cells, seed=seed)
+
+        new_spec = DataSpec(
+            genes=genes,
+            perturbations=singles,
+            labels=labels,
+            covariate_keys=covariate_keys,
+            covariate_categories=categories,
+            control=control,
+            separator=combination_separator,
+            perturbation_key=perturbation_key,
+            layer=layer,
+            dose_key=dose_key,
+        )
+        return cls(adata, counts, dosage, cell_labels, cov_codes, library, split, new_spec)
+
+    # ------------------------------------------------------------------ access
+    @property
+    def n_cells(self) -> int:
+        return self.library.shape[0]
+
+    def indices(self, split: str | None = None) -> np.ndarray:
+        """Cell indices of a split (``None``: all cells)."""
+        if split is None:
+            return np.arange(self.n_cells)
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+        return np.flatnonzero(self.split == split)
+
+    def label_names(self, idx: np.ndarray | None = None) -> np.ndarray:
+        """Canonical perturbation label of each cell (``idx``: a subset)."""
+        raw = self.adata.obs[self.spec.perturbation_key].astype(str).str.strip().to_numpy()
+        if idx is not None:
+            raw = raw[idx]
+        return np.array([canonical_label(r, self.spec.control, self.spec.separator) for r in raw])
+
+    def read_counts(self, idx: np.ndarray) -> np.ndarray:
+        """Dense float32 counts ``(len(idx), G)`` of the given cells (any order)."""
+        idx = np.asarray(idx)
+        order = np.argsort(idx, kind="stable")
+        rows = _read_rows(self.counts, idx[order])
+        out = np.empty_like(rows)
+        out[order] = rows
+        return out
+
+    def batch(
+        self,
+        idx: np.ndarray,
+        n_cells: int | None = None,
+        positions: np.ndarray | None = None,
+        device: torch.device | str = "cpu",
+    ) -> Batch:
+        """One :class:`Batch` of the cells ``idx``.
+
+        ``n_cells`` is the size of the population the batch is drawn from (the cell
+        plate's size: the likelihood is scaled by ``n_cells / len(idx)``); ``positions``
+        are the cells' positions in that population (the plate's subsample indices).
+        """
+        idx = np.asarray(idx)
+        # reading sorted rows is what h5py and CSR slicing do fastest
+        order = np.argsort(idx, kind="stable")
+        idx = idx[order]
+        if positions is None:
+            positions = np.arange(len(idx))
+        else:
+            positions = np.asarray(positions)[order]
+        device = torch.device(device)
+        x = torch.from_numpy(_read_rows(self.counts, idx))
+        d = torch.from_numpy(np.asarray(self.dosage[idx].todense(), dtype=np.float32))
+        return Batch(
+            x=x.to(device),
+            d=d.to(device),
+            c=torch.from_numpy(self.covariates[idx]).to(device),
+            label=torch.from_numpy(self.labels[idx]).to(device),
+            library=torch.from_numpy(self.library[idx]).to(device),
+            index=torch.from_numpy(positions.astype(np.int64)).to(device),
+            n_cells=int(n_cells if n_cells is not None else len(idx)),
+        )
+
+    def batches(
+        self,
+        split: str | None = "train",
+        batch_size: int = 512,
+        shuffle: bool = False,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        indices: np.ndarray | None = None,
+    ) -> Iterator[Batch]:
+        """Minibatches covering a split once.
+
+        ``shuffle=True`` (training) visits the cells in a random order drawn from
+        ``seed``; ``shuffle=False`` (evaluation) visits every cell once in order. The
+        plate size of every batch is the number of cells in the split.
+        """
+        idx = self.indices(split) if indices is None else np.asarray(indices)
+        if len(idx) == 0:
+            return
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        positions = np.arange(len(idx))
+        if shuffle:
+            positions = np.random.default_rng(seed).permutation(len(idx))
+        for start in range(0, len(idx), batch_size):
+            pos = positions[start : start + batch_size]
+            yield self.batch(idx[pos], n_cells=len(idx), positions=pos, device=device)
+
+    def gene_stats(self, split: str | None = "train") -> tuple[np.ndarray, np.ndarray]:
+        """Mean and standard deviation of ``log1p(counts)`` per gene over a split.
+
+        The encoders standardise their input with these (computed on training cells
+        only, streamed in chunks).
+        """
+        idx = self.indices(split)
+        if len(idx) == 0:
+            idx = np.arange(self.n_cells)
+        total = np.zeros(self.counts.shape[1])
+        total_sq = np.zeros(self.counts.shape[1])
+        for start in range(0, len(idx), _CHUNK):
+            rows = np.log1p(_read_rows(self.counts, idx[start : start + _CHUNK]).astype(np.float64))
+            total += rows.sum(0)
+            total_sq += (rows**2).sum(0)
+        mean = total / len(idx)
+        std = np.sqrt(np.maximum(total_sq / len(idx) - mean**2, 0.0))
+        return mean.astype(np.float32), np.maximum(std, 1e-3).astype(np.float32)
+
+    def __repr__(self) -> str:
+        counts = {s: int((self.split == s).sum()) for s in SPLITS}
+        return (
+            f"PerturbationData({self.n_cells} cells x {self.spec.n_genes} genes, "
+            f"{self.spec.n_perturbations} perturbations, {self.spec.n_labels} labels, "
+            f"covariates {self.spec.covariate_keys}, split {counts})"
+        )
+
+
+# ---------------------------------------------------------------------------- helpers
+def _read_doses(obs, dose_key, separator, parts_of_unique, inverse, raw):
+    """Per-cell list of doses, one per component, or None when there is no dose column."""
+    if not dose_key:
+        return None
+    col = obs[dose_key]
+    out = []
+    numeric = pd.api.types.is_numeric_dtype(col)
+    values = col.to_numpy()
+    for i, u in enumerate(inverse):
+        n_parts = len(parts_of_unique[u])
+        v = values[i]
+        if numeric:
+            doses = [float(v)] * n_parts
+        else:
+            try:
+                doses = [float(s) for s in str(v).split(separator)]
+            except ValueError:
+                raise ValueError(
+                    f"dose column {dose_key!r} has a non-numeric value {v!r} "
+                    f"(cell {obs.index[i]!r})"
+                ) from None
+            if len(doses) == 1:
+                doses = doses * n_parts
+            elif n_parts and len(doses) != n_parts:
+                raise ValueError(
+                    f"dose {v!r} of cell {obs.index[i]!r} has {len(doses)} components "
+                    f"but its perturbation {raw[i]!r} has {n_parts}"
+                )
+        if n_parts and not np.all(np.isfinite(doses)):
+            raise ValueError(f"dose column {dose_key!r} has a non-finite value {v!r}")
+        if n_parts and any(dv < 0 for dv in doses):
+            raise ValueError(f"dose column {dose_key!r} has a negative value {v!r}")
+        out.append(doses)
+    return out
+
+
+def _read_rows(counts, idx: np.ndarray) -> np.ndarray:
+    """Dense float32 rows of a dense, sparse or backed matrix; ``idx`` sorted."""
+    if isinstance(counts, np.ndarray):
+        rows = counts[idx]
+    else:
+        rows = counts[idx]
+        if sp.issparse(rows):
+            rows = rows.toarray()
+        elif hasattr(rows, "to_memory"):  # anndata backed sparse
+            rows = rows.to_memory().toarray()
+    return np.ascontiguousarray(np.asarray(rows, dtype=np.float32))
+
+
+def _scan_counts(counts, n_cells: int, n_genes: int, genes: list[str]):
+    """Check counts chunk by chunk; return library sizes and per-gene totals."""
+    library = np.zeros(n_cells, dtype=np.float32)
+    gene_totals = np.zeros(n_genes, dtype=np.float64)
+    for start in range(0, n_cells, _CHUNK):
+        stop = min(start + _CHUNK, n_cells)
+        block = counts[start:stop]
+        if sp.issparse(block):
+            block = sp.csr_matrix(block)
+            values = block.data
+        elif hasattr(block, "to_memory"):
+            block = sp.csr_matrix(block.to_memory())
+            values = block.data
+        else:
+            block = np.asarray(block)
+            values = block
+        if values.size:
+            finite = np.isfinite(values)
+            if not finite.all():
+                raise ValueError(
+                    f"counts contain NaN or infinite values ({int((~finite).sum())} "
+                    f"in cells {start}..{stop - 1})"
+                )
+            if (values < 0).any():
+                raise ValueError(
+                    f"counts contain negative values (min {values.min()}) in cells "
+                    f"{start}..{stop - 1}; pyro-perturb models raw UMI counts"
+                )
+            if not np.all(values == np.round(values)):
+                bad = values[values != np.round(values)][0]
+                raise ValueError(
+                    f"counts must be integers; found {bad} in cells {start}..{stop - 1}. "
+                    "Pass raw counts (layer=... if adata.X holds normalised data)"
+                )
+        library[start:stop] = np.asarray(block.sum(axis=1)).ravel()
+        gene_totals += np.asarray(block.sum(axis=0), dtype=np.float64).ravel()
+    return library, gene_totals

@@ -1,0 +1,1 @@
+"""Amortised guides, one module per family, named as the model module they match."""

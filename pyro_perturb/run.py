@@ -1,0 +1,309 @@
+"""The user-facing facade: :func:`fit`, :func:`load_run` and :class:`Run`.
+
+A :class:`Run` holds a trained model and guide with everything needed to use them on new
+data (the :class:`~pyro_perturb.data.DataSpec`, hyperparameters, training settings) and
+is saved as a run directory::
+
+    RUN_DIR/config.json     model name, hyperparameters, training settings, vocabularies
+    RUN_DIR/model.pt        best weights {"model": state_dict, "guide": state_dict}
+    RUN_DIR/checkpoint.pt   full training state after the last epoch (resume)
+    RUN_DIR/history.csv     loss per epoch (train, validation)
+
+Everything is JSON or weights-only tensors: loading a run never executes code from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import __version__
+from .data import DataSpec, PerturbationData
+from .infer.checkpoint import atomic_json, atomic_torch_save, safe_load
+from .infer.engine import TrainConfig, resolve_device, train, write_history
+from .infer.iwelbo import iwelbo as _iwelbo
+from .registry import build, get_entry
+
+DATA_KEYS = (
+    "perturbation_key",
+    "control",
+    "covariate_keys",
+    "layer",
+    "split_key",
+    "combination_separator",
+    "dose_key",
+)
+
+# the built-in datasets used when no data is given: simulator name and encoding options
+BUILTIN_DATA = {
+    "combinatorial": {},
+    "sparse_shift": {},
+    "factorized": {"covariate_keys": ["cell_line"]},
+}
+
+
+def builtin_data(name: str, seed: int = 0, **sizes):
+    """A built-in simulated AnnData and the ``from_anndata`` options it needs."""
+    from .data import simulate
+
+    if name not in BUILTIN_DATA:
+        raise ValueError(f"unknown built-in dataset {name!r}; choose one of {sorted(BUILTIN_DATA)}")
+    return getattr(simulate, name)(seed=seed, **sizes), dict(BUILTIN_DATA[name])
+
+
+def read_data(path: str | os.PathLike, backed: bool = False):
+    """Read an ``.h5ad`` with a clear error when it is missing or unreadable."""
+    import anndata
+
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"data file {str(path)!r} does not exist")
+    try:
+        return anndata.read_h5ad(path, backed="r" if backed else None)
+    except Exception as e:
+        raise ValueError(f"could not read {str(path)!r} as an .h5ad file: {e}") from None
+
+
+class Run:
+    """A trained (model, guide) pair with its data vocabulary and settings."""
+
+    def __init__(
+        self,
+        name: str,
+        model,
+        guide,
+        spec: DataSpec,
+        hparams: dict,
+        train_config: TrainConfig,
+        data_options: dict | None = None,
+        history: list[dict] | None = None,
+        path: str | os.PathLike | None = None,
+    ) -> None:
+        self.name = name
+        self.model = model
+        self.guide = guide
+        self.spec = spec
+        self.hparams = hparams
+        self.train_config = train_config
+        self.data_options = data_options or {}
+        self.history = history or []
+        self.path = Path(path) if path is not None else None
+
+    # ------------------------------------------------------------------ data
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.model.parameters()), torch.zeros(0)).device
+
+    def encode(self, data, **options) -> PerturbationData:
+        """Encode ``data`` (AnnData, path, or PerturbationData) with this run's vocabulary."""
+        if isinstance(data, PerturbationData):
+            return data
+        if isinstance(data, (str, os.PathLike)):
+            data = read_data(data)
+        opts = {"split_key": self.data_options.get("split_key", "split"), "seed": self.train_config.seed}
+        opts.update(options)
+        return PerturbationData.from_anndata(data, spec=self.spec, **opts)
+
+    # ------------------------------------------------------------------ estimands
+    def iwelbo(self, data, split: str | None = "test", num_particles: int = 100, seed: int = 0) -> np.ndarray:
+        """Per-cell held-out IWELBO of a split (see :mod:`pyro_perturb.infer.iwelbo`)."""
+        data = self.encode(data)
+        return _iwelbo(self.model, self.guide, data, split, num_particles, seed=seed, device=self.device)
+
+    @torch.no_grad()
+    def latents(self, data, batch_size: int = 1024) -> dict[str, np.ndarray]:
+        """Posterior-mean latents of every cell: ``{"X_latent": (n, L), ...}``."""
+        data = self.encode(data)
+        self.guide.eval()
+        parts: dict[str, list] = {}
+        idx = np.arange(data.n_cells)
+        for start in range(0, len(idx), batch_size):
+            sub = idx[start : start + batch_size]
+            out = self.guide.posterior_latents(data.batch(sub, device=self.device))
+            for k, v in out.items():
+                parts.setdefault(k, []).append(v.cpu().numpy())
+        return {k: np.concatenate(v) for k, v in parts.items()}
+
+    def predict(self, adata):
+        """A copy of ``adata`` with the posterior-mean latents in ``obsm``."""
+        if isinstance(adata, (str, os.PathLike)):
+            adata = read_data(adata)
+        data = self.encode(adata)
+        out = adata.copy() if not adata.isbacked else adata.to_memory()
+        for key, value in self.latents(data).items():
+            out.obsm[key] = value
+        return out
+
+    def evaluate(self, data, num_particles: int = 100, out_dir: str | os.PathLike | None = None, seed: int = 0) -> dict:
+        """Metrics per split (see :func:`pyro_perturb.evaluate.evaluate_run`)."""
+        from .evaluate import evaluate_run
+
+        return evaluate_run(self, self.encode(data), num_particles=num_particles, out_dir=out_dir, seed=seed)
+
+    # ------------------------------------------------------------------ persistence
+    def config(self) -> dict:
+        return {
+            "pyro_perturb_version": __version__,
+            "model": self.name,
+            "hparams": self.hparams,
+            "train": asdict(self.train_config),
+            "spec": self.spec.to_dict(),
+            "data": self.data_options,
+        }
+
+    def save(self, path: str | os.PathLike | None = None) -> Path:
+        path = Path(path or self.path)
+        path.mkdir(parents=True, exist_ok=True)
+        atomic_json(self.config(), path / "config.json")
+        atomic_torch_save({"model": self.model.state_dict(), "guide": self.guide.state_dict()}, path / "model.pt")
+        write_history(self.history, path / "history.csv")
+        self.path = path
+        return path
+
+    def __repr__(self) -> str:
+        return f"Run({self.name!r}, {self.spec.n_genes} genes, {self.spec.n_perturbations} perturbations, path={self.path})"
+
+
+def _read_config(path: Path) -> dict:
+    cfg_path = path / "config.json"
+    if not cfg_path.exists():
+        raise ValueError(f"{path} is not a run directory (no config.json)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path} is not valid JSON: {e}") from None
+    for key in ("model", "hparams", "train", "spec"):
+        if key not in cfg:
+            raise ValueError(f"{cfg_path} lacks the entry {key!r}")
+    return cfg
+
+
+def load_run(path: str | os.PathLike, device: str = "cpu") -> Run:
+    """Rebuild a :class:`Run` from its directory alone (JSON config, weights-only tensors)."""
+    path = Path(path)
+    cfg = _read_config(path)
+    spec = DataSpec.from_dict(cfg["spec"])
+    model, guide, hparams = build(cfg["model"], spec, cfg["hparams"])
+    weights = safe_load(path / "model.pt")
+    if not isinstance(weights, dict) or not {"model", "guide"} <= set(weights):
+        raise ValueError(f"{path / 'model.pt'} does not hold model and guide weights")
+    try:
+        model.load_state_dict(weights["model"])
+        guide.load_state_dict(weights["guide"])
+    except RuntimeError as e:
+        raise ValueError(f"{path / 'model.pt'} does not match the model in config.json: {str(e)[:300]}") from None
+    train_cfg = TrainConfig(**cfg["train"])
+    dev = resolve_device(device)
+    model.to(dev)
+    guide.to(dev)
+    model.eval()
+    guide.eval()
+    history = []
+    if (path / "history.csv").exists():
+        history = pd.read_csv(path / "history.csv").to_dict("records")
+    return Run(cfg["model"], model, guide, spec, hparams, train_cfg, cfg.get("data", {}), history, path)
+
+
+def split_settings(model: str, settings: dict[str, Any]) -> tuple[dict, dict]:
+    """Split ``key=value`` settings into model hyperparameters and training settings."""
+    entry = get_entry(model)
+    hp_keys = set(entry.hyperparameters())
+    train_keys = TrainConfig.keys()
+    hparams, train_cfg = {}, {}
+    for k, v in settings.items():
+        if k in hp_keys:
+            hparams[k] = v
+        elif k in train_keys:
+            train_cfg[k] = v
+        else:
+            raise ValueError(
+                f"unknown setting {k!r} for model {model!r}; model hyperparameters: "
+                f"{', '.join(sorted(hp_keys))}; training settings: {', '.join(sorted(train_keys))}"
+            )
+    return hparams, train_cfg
+
+
+def fit(
+    data=None,
+    model: str = "cvae",
+    out: str | os.PathLike | None = None,
+    resume: bool = False,
+    callback=None,
+    data_seed: int | None = None,
+    **settings: Any,
+) -> Run:
+    """Train a registered model; return its :class:`Run` (saved to ``out`` when given).
+
+    Args:
+        data: an AnnData, an ``.h5ad`` path, a :class:`PerturbationData`, or ``None``
+            for the model's built-in simulated dataset.
+        model: registered name (``pyro-perturb models`` lists them).
+        out: run directory (config, weights, checkpoints, history).
+        resume: continue the interrupted run in ``out`` (its saved settings are used;
+            ``max_epochs`` may be raised).
+        callback: ``callback(epoch, history_row)`` after every epoch.
+        **settings: data options (``perturbation_key``, ``control``, ``covariate_keys``,
+            ``layer``, ``split_key``, ``combination_separator``, ``dose_key``), model
+            hyperparameters (e.g. ``n_latent``) and training settings
+            (:class:`~pyro_perturb.infer.TrainConfig`).
+    """
+    entry = get_entry(model)
+    data_options = {k: settings.pop(k) for k in DATA_KEYS if k in settings}
+    out = Path(out) if out is not None else None
+    if resume:
+        if out is None:
+            raise ValueError("resume needs the run directory (out=...)")
+        saved = _read_config(out)
+        if saved["model"] != model:
+            raise ValueError(f"{out} holds a {saved['model']!r} run, not {model!r}")
+        max_epochs = settings.get("max_epochs")
+        hparams = saved["hparams"]
+        train_cfg = TrainConfig(**{**saved["train"], **({"max_epochs": max_epochs} if max_epochs else {})})
+        data_options = saved.get("data", {}) if not data_options else data_options
+    else:
+        hparams, train_kwargs = split_settings(model, settings)
+        defaults = {**entry.train_defaults, **train_kwargs}
+        train_cfg = TrainConfig(**defaults)
+
+    source = data_options.pop("source", None)
+    if data is None and resume and source and source.get("path"):
+        data = source["path"]
+    if data is None:
+        builtin = (source or {}).get("builtin", getattr(entry, "default_data", "combinatorial"))
+        seed = data_seed if data_seed is not None else (source or {}).get("seed", train_cfg.seed)
+        adata, builtin_opts = builtin_data(builtin, seed=seed)
+        data_options = {**builtin_opts, **data_options}
+        source = {"builtin": builtin, "seed": seed}
+    elif isinstance(data, (str, os.PathLike)):
+        source = {"path": str(Path(data).resolve())}
+        adata = read_data(data)
+    else:
+        adata = data
+        source = source or {}
+
+    if isinstance(adata, PerturbationData):
+        pdata = adata
+    else:
+        opts = {k: v for k, v in data_options.items() if k in DATA_KEYS}
+        pdata = PerturbationData.from_anndata(adata, seed=train_cfg.seed, **opts)
+    data_options = {**data_options, "source": source}
+
+    model_obj, guide_obj, full_hparams = build(model, pdata.spec, hparams, gene_stats=pdata.gene_stats("train"))
+    run = Run(model, model_obj, guide_obj, pdata.spec, full_hparams, train_cfg, data_options, path=out)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume and (out / "checkpoint.pt").exists():
+            raise ValueError(f"{out} already holds a run; pass resume=True (--resume) or choose another directory")
+        atomic_json(run.config(), out / "config.json")
+    run.history = train(model_obj, guide_obj, pdata, train_cfg, run_dir=out, resume=resume, callback=callback)
+    if out is not None:
+        run.save(out)
+    run.data = pdata
+    return run

@@ -1,0 +1,364 @@
+"""Tests for pyro_perturb.evaluate.metrics (numpy / scipy / scikit-learn only, seeded)."""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import numpy as np
+import pytest
+
+from pyro_perturb.evaluate.metrics import (
+    ate_metrics,
+    clustering_scores,
+    de_genes,
+    dhsic,
+    group_r2,
+    iwelbo_summary,
+    linear_r2,
+    match_latents,
+    mcc,
+    target_identification,
+)
+
+
+@pytest.fixture
+def z_true() -> np.ndarray:
+    return np.random.default_rng(0).normal(size=(2000, 5))
+
+
+# --------------------------------------------------------------------------- MCC
+
+
+def test_mcc_permuted_flipped_rescaled_copy_is_one(z_true):
+    perm = np.array([3, 0, 4, 1, 2])
+    signs = np.array([1.0, -1.0, -1.0, 1.0, -1.0])
+    scales = np.array([0.1, 2.0, 30.0, 1.0, 5.0])
+    z_hat = z_true[:, perm] * signs * scales + 7.0
+    idx, corr = match_latents(z_true, z_hat)
+    # true latent k sits in column argsort(perm)[k] of z_hat
+    np.testing.assert_array_equal(idx, np.argsort(perm))
+    np.testing.assert_allclose(corr, 1.0, atol=1e-12)
+    assert mcc(z_true, z_hat) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_mcc_spearman_is_one_for_monotone_transforms(z_true):
+    z_hat = np.column_stack(
+        [
+            np.exp(z_true[:, 2]),
+            z_true[:, 0] ** 3,
+            -np.tanh(z_true[:, 4]),
+            z_true[:, 1],
+            1 / (1 + np.exp(-z_true[:, 3])),
+        ]
+    )
+    assert mcc(z_true, z_hat, method="spearman") == pytest.approx(1.0, abs=1e-12)
+    assert mcc(z_true, z_hat, method="pearson") < 0.97  # Pearson sees the nonlinearity
+    idx, _ = match_latents(z_true, z_hat, method="spearman")
+    np.testing.assert_array_equal(idx, [1, 3, 0, 4, 2])
+
+
+def test_mcc_independent_noise_is_small():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(5000, 5)), rng.normal(size=(5000, 5))
+    assert mcc(a, b) < 0.1
+    assert mcc(a, b, method="spearman") < 0.1
+
+
+def test_mcc_extra_inferred_latents(z_true):
+    rng = np.random.default_rng(2)
+    z_hat = np.column_stack([rng.normal(size=(2000, 3)), z_true[:, ::-1], rng.normal(size=(2000, 2))])
+    idx, corr = match_latents(z_true, z_hat)
+    np.testing.assert_array_equal(idx, [7, 6, 5, 4, 3])
+    np.testing.assert_allclose(corr, 1.0, atol=1e-12)
+    assert mcc(z_true, z_hat) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_mcc_fewer_inferred_latents(z_true):
+    z_hat = z_true[:, [4, 1]]
+    idx, corr = match_latents(z_true, z_hat)
+    np.testing.assert_array_equal(idx, [-1, 1, -1, -1, 0])
+    assert corr[[0, 2, 3]].tolist() == [0.0, 0.0, 0.0]
+    assert mcc(z_true, z_hat) == pytest.approx(2 / 5, abs=1e-12)
+
+
+@pytest.mark.parametrize("method", ["pearson", "spearman"])
+def test_mcc_constant_columns_give_no_nan(z_true, method):
+    zt = z_true.copy()
+    zt[:, 1] = 3.0
+    zh = np.column_stack([z_true, np.zeros(2000), np.full(2000, 0.1)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        idx, corr = match_latents(zt, zh, method=method)
+        value = mcc(zt, zh, method=method)
+    assert np.all(np.isfinite(corr)) and np.isfinite(value)
+    assert corr[1] == 0.0
+    assert value == pytest.approx(4 / 5, abs=1e-12)
+
+
+def test_match_latents_bad_input(z_true):
+    with pytest.raises(ValueError, match=r"\(2000, 5\).*\(1999, 5\)"):
+        match_latents(z_true, z_true[:-1])
+    with pytest.raises(ValueError, match="method"):
+        mcc(z_true, z_true, method="kendall")
+    bad = z_true.copy()
+    bad[3, 2] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        mcc(z_true, bad)
+
+
+# ----------------------------------------------------------------------- linear R^2
+
+
+def test_linear_r2_rotation_is_one(z_true):
+    q, _ = np.linalg.qr(np.random.default_rng(3).normal(size=(5, 5)))
+    z_hat = z_true @ q * 4.0 - 2.0
+    assert linear_r2(z_true, z_hat) == pytest.approx(1.0, abs=1e-10)
+    assert mcc(z_true, z_hat) < 0.99  # a rotation is not axis-aligned
+
+
+def test_linear_r2_noise_is_small(z_true):
+    noise = np.random.default_rng(4).normal(size=(2000, 5))
+    assert linear_r2(z_true, noise) < 0.02
+    with pytest.raises(ValueError, match=r"\(2000, 5\).*\(10, 5\)"):
+        linear_r2(z_true, noise[:10])
+
+
+# ------------------------------------------------------------ target identification
+
+TRUE_TARGETS = np.array([[1, 0, 0], [0, 1, 1], [0, 0, 1]])
+MASK = np.array(
+    [
+        [0.9, 0.2, 0.0, 0.7],  # TP on latent 0, FP on the unmatched inferred latent 3
+        [0.1, 0.8, 0.3, 0.0],  # TP on latent 1, misses latent 2
+        [0.55, 0.0, 0.6, 0.0],  # FP on latent 0, TP on latent 2
+    ]
+)
+
+
+def test_target_identification_exact_values():
+    out = target_identification(TRUE_TARGETS, MASK, np.array([0, 1, 2]))
+    assert out["tp"] == 3 and out["fp"] == 2 and out["fn"] == 1
+    assert out["precision"] == pytest.approx(3 / 5)
+    assert out["recall"] == pytest.approx(3 / 4)
+    assert out["f1"] == pytest.approx(2 * 0.6 * 0.75 / 1.35)
+
+
+def test_target_identification_column_permutation_via_matching():
+    perm = np.array([2, 3, 0, 1])  # new column j holds old column perm[j]
+    permuted = MASK[:, perm]
+    matching = np.argsort(perm)[:3]  # where old columns 0, 1, 2 went
+    assert target_identification(TRUE_TARGETS, permuted, matching) == target_identification(
+        TRUE_TARGETS, MASK, np.array([0, 1, 2])
+    )
+    # the identity matching is now wrong and scores worse
+    assert target_identification(TRUE_TARGETS, permuted, np.array([0, 1, 2]))["f1"] < 0.5
+
+
+def test_target_identification_end_to_end_with_match_latents():
+    rng = np.random.default_rng(5)
+    z = rng.normal(size=(500, 3))
+    perm = np.array([1, 3, 0, 2])
+    z_hat = np.column_stack([z, rng.normal(size=500)])[:, perm]
+    matching, _ = match_latents(z, z_hat)
+    out = target_identification(TRUE_TARGETS, np.column_stack([TRUE_TARGETS, [0, 0, 0]])[:, perm], matching)
+    assert out["precision"] == out["recall"] == out["f1"] == 1.0
+
+
+def test_target_identification_top_k_scores():
+    scores = np.array([[-3.0, 1.0, 0.0, 2.0], [0.5, 4.0, 0.1, 3.0], [0.0, 0.2, 5.0, 0.0]])
+    # k per row = number of true targets (1, 2, 1): calls 0 | 1, 3 | 2
+    out = target_identification(TRUE_TARGETS, scores, [0, 1, 2], scores=True)
+    assert (out["tp"], out["fp"], out["fn"]) == (3, 1, 1)
+    assert out["precision"] == pytest.approx(0.75) and out["recall"] == pytest.approx(0.75)
+    # k = 2: calls 0, 3 | 1, 3 | 2, 1
+    out = target_identification(TRUE_TARGETS, scores, [0, 1, 2], k=2, scores=True)
+    assert (out["tp"], out["fp"], out["fn"]) == (3, 3, 1)
+    assert out["f1"] == pytest.approx(2 * 0.5 * 0.75 / 1.25)
+
+
+def test_target_identification_unmatched_and_zero_denominators():
+    out = target_identification(np.eye(2), np.array([[0.9], [0.0]]), [0, -1])
+    assert out["precision"] == 1.0 and out["recall"] == 0.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = target_identification(np.zeros((2, 2)), np.zeros((2, 3)), [0, 1])
+        out_k = target_identification(np.zeros((2, 2)), np.ones((2, 3)), [0, 1], scores=True)
+    assert out["precision"] == out["recall"] == out["f1"] == 0.0
+    assert out_k["precision"] == out_k["recall"] == out_k["f1"] == 0.0
+
+
+def test_target_identification_bad_input():
+    with pytest.raises(ValueError, match=r"\(3, 3\).*\(2, 4\)"):
+        target_identification(TRUE_TARGETS, MASK[:2], [0, 1, 2])
+    with pytest.raises(ValueError, match=r"matching has shape \(2,\)"):
+        target_identification(TRUE_TARGETS, MASK, [0, 1])
+    with pytest.raises(ValueError, match="one-to-one"):
+        target_identification(TRUE_TARGETS, MASK, [0, 0, 2])
+    with pytest.raises(ValueError, match="column indices"):
+        target_identification(TRUE_TARGETS, MASK, [0, 1, 4])
+
+
+# ------------------------------------------------------------------------------ ATE
+
+
+def test_ate_metrics_identical_arrays():
+    ate = np.random.default_rng(6).normal(size=(4, 50))
+    out = ate_metrics(ate, ate.copy())
+    assert set(out) == {"ate_pearson", "ate_r2", "ate_pearson_top20", "ate_r2_top20"}
+    for value in out.values():
+        assert value == pytest.approx(1.0, abs=1e-12)
+
+
+def test_ate_metrics_hand_made_values():
+    data = np.array([[1.0, 2.0], [3.0, 4.0]])
+    model = np.array([[1.0, 2.0], [3.0, 5.0]])
+    out = ate_metrics(data, model, top_n=5)
+    # R^2 = 1 - SS_res / SS_tot = 1 - 1 / 5; r = 6.5 / sqrt(5 * 8.75)
+    assert out["ate_r2"] == pytest.approx(0.8)
+    assert out["ate_pearson"] == pytest.approx(6.5 / np.sqrt(5 * 8.75))
+    assert out["ate_r2_top5"] == out["ate_r2"]  # top_n >= G keeps every gene
+    assert out["ate_pearson_top5"] == out["ate_pearson"]
+
+
+def test_ate_metrics_top_n_restriction_picks_largest_abs_data():
+    rng = np.random.default_rng(7)
+    data = rng.normal(scale=0.1, size=(3, 100))
+    top = {0: [5, 17, 60], 1: [0, 99, 42], 2: [33, 34, 35]}
+    for t, genes in top.items():
+        data[t, genes] = np.array([3.0, -4.0, 5.0]) * (t + 1)
+    model = rng.normal(size=(3, 100))  # wrong everywhere ...
+    for t, genes in top.items():
+        model[t, genes] = data[t, genes]  # ... except on each row's 3 largest |data ATE|
+    out = ate_metrics(data, model, top_n=3)
+    assert set(out) == {"ate_pearson", "ate_r2", "ate_pearson_top3", "ate_r2_top3"}
+    assert out["ate_pearson_top3"] == pytest.approx(1.0) and out["ate_r2_top3"] == pytest.approx(1.0)
+    assert out["ate_r2"] < 0.9 and out["ate_pearson"] < 0.9
+    # a single wrong value among the top genes is seen
+    model[1, 99] = 0.0
+    assert ate_metrics(data, model, top_n=3)["ate_r2_top3"] < 0.9
+
+
+def test_ate_metrics_degenerate_and_bad_input():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = ate_metrics(np.array([[2.0]]), np.array([[1.0]]))
+        const = ate_metrics(np.ones((2, 3)), np.arange(6.0).reshape(2, 3))
+    assert all(np.isnan(v) for v in out.values())
+    assert const["ate_pearson"] == 0.0 and np.isfinite(const["ate_r2"])
+    with pytest.raises(ValueError, match=r"\(4, 10\).*\(4, 9\)"):
+        ate_metrics(np.zeros((4, 10)), np.zeros((4, 9)))
+
+
+def test_group_r2_and_de_genes():
+    control = np.zeros(10)
+    group = np.array([0.0, 5.0, 0.1, -7.0, 0.0, 0.2, 1.0, 0.0, 0.0, -0.3])
+    np.testing.assert_array_equal(de_genes(group, control, top_n=3), [3, 1, 6])
+    assert de_genes(group, control, top_n=50).shape == (10,)
+    model = group.copy()
+    model[[0, 2, 4]] = 3.0  # wrong off the DE genes
+    assert group_r2(group, group) == pytest.approx(1.0)
+    top = de_genes(group, control, top_n=3)
+    assert group_r2(group, model, top_genes=top) == pytest.approx(1.0)
+    assert group_r2(group, model) < 1.0
+    assert group_r2(group, model, top_genes=np.abs(group) > 0.9) == pytest.approx(1.0)
+    assert np.isnan(group_r2(group, model, top_genes=[3]))
+    with pytest.raises(ValueError, match=r"\(10,\).*\(9,\)"):
+        group_r2(group, model[:9])
+    with pytest.raises(ValueError, match=r"\(10,\).*\(2, 5\)"):
+        de_genes(group, control.reshape(2, 5))
+
+
+# ------------------------------------------------------------------------ clustering
+
+
+def test_clustering_scores_well_separated_and_random():
+    rng = np.random.default_rng(8)
+    centres = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    labels = np.repeat(np.array(["a", "b", "c"]), 100)
+    latent = centres[np.repeat(np.arange(3), 100)] + rng.normal(scale=0.5, size=(300, 2))
+    perfect = clustering_scores(latent, labels)
+    assert perfect["nmi"] == pytest.approx(1.0) and perfect["ari"] == pytest.approx(1.0)
+    shuffled = rng.permutation(labels)
+    low = clustering_scores(latent, shuffled)
+    assert low["nmi"] < 0.1 and low["ari"] < 0.05
+    assert clustering_scores(latent, labels, seed=0) == perfect  # deterministic
+    with pytest.raises(ValueError, match=r"\(300, 2\).*\(299,\)"):
+        clustering_scores(latent, labels[:-1])
+
+
+# ----------------------------------------------------------------------------- dHSIC
+
+
+def _hsic_v_reference(x: np.ndarray, y: np.ndarray) -> float:
+    """Textbook biased HSIC: trace(K H L H) / n^2 with the same kernels."""
+    from pyro_perturb.evaluate.metrics import _gaussian_gram
+
+    n = x.shape[0]
+    h = np.eye(n) - 1.0 / n
+    return float(np.trace(_gaussian_gram(x) @ h @ _gaussian_gram(y) @ h) / n**2)
+
+
+def test_dhsic_matches_two_variable_hsic():
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(120, 2))
+    y = x[:, :1] ** 2 + rng.normal(scale=0.5, size=(120, 1))
+    stat, _ = dhsic([x, y], n_permutations=0)
+    assert stat == pytest.approx(_hsic_v_reference(x, y), rel=1e-10)
+
+
+def test_dhsic_detects_dependence():
+    rng = np.random.default_rng(10)
+    x = rng.normal(size=300)
+    y = x**2 + rng.normal(scale=0.3, size=300)  # uncorrelated with x, but dependent
+    stat, p = dhsic([x, y], n_permutations=100, seed=0)
+    assert stat > 0 and p < 0.05
+    assert p == pytest.approx(1 / 101)
+
+
+def test_dhsic_independent_blocks():
+    rng = np.random.default_rng(11)
+    pvalues = []
+    for seed in range(4):
+        a, b = rng.normal(size=(200, 3)), rng.normal(size=(200, 2))
+        stat, p = dhsic([a, b], n_permutations=50, seed=seed)
+        assert stat >= 0.0 and 1 / 51 <= p <= 1.0
+        pvalues.append(p)
+    assert pvalues[0] > 0.05
+    assert sum(p > 0.05 for p in pvalues) >= 3
+    # three jointly independent blocks, and three where the third depends on the first two
+    a, b, c = (rng.normal(size=(200, 1)) for _ in range(3))
+    assert dhsic([a, b, c], n_permutations=50, seed=0)[1] > 0.05
+    assert dhsic([a, b, a * b + 0.1 * c], n_permutations=50, seed=0)[1] < 0.05
+
+
+def test_dhsic_deterministic_subsampling_and_speed():
+    rng = np.random.default_rng(12)
+    a, b = rng.normal(size=(1500, 4)), rng.normal(size=(1500, 4))
+    assert dhsic([a, b], n_permutations=20, seed=3, max_cells=300) == dhsic(
+        [a, b], n_permutations=20, seed=3, max_cells=300
+    )
+    x, y = rng.normal(size=(500, 10)), rng.normal(size=(500, 10))
+    start = time.perf_counter()
+    dhsic([x, y], n_permutations=50, seed=0)
+    assert time.perf_counter() - start < 3.0  # ~0.1 s on one core; loose for shared CPUs
+
+
+def test_dhsic_bad_input():
+    with pytest.raises(ValueError, match=r"\(100, 2\).*\(99, 3\)"):
+        dhsic([np.zeros((100, 2)), np.zeros((99, 3))])
+    with pytest.raises(ValueError, match="at least 2"):
+        dhsic([np.zeros((100, 2))])
+    # a constant block is independent of anything: no NaN
+    stat, p = dhsic([np.zeros((50, 2)), np.random.default_rng(0).normal(size=(50, 1))], n_permutations=10)
+    assert stat == 0.0 and p == 1.0
+
+
+# ---------------------------------------------------------------------------- IWELBO
+
+
+def test_iwelbo_summary():
+    out = iwelbo_summary([1.0, 2.0, 3.0, 4.0])
+    assert out["mean"] == 2.5 and out["n"] == 4
+    assert out["sem"] == pytest.approx(np.std([1, 2, 3, 4], ddof=1) / 2)
+    assert np.isnan(iwelbo_summary([1.0])["sem"])
