@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyro
 import torch
 
 from . import __version__
@@ -295,6 +296,8 @@ def fit(
         pdata = PerturbationData.from_anndata(adata, seed=train_cfg.seed, **opts)
     data_options = {**data_options, "source": source}
 
+    # parameter initialisation is part of what the seed fixes
+    pyro.set_rng_seed(train_cfg.seed)
     model_obj, guide_obj, full_hparams = build(model, pdata.spec, hparams, gene_stats=pdata.gene_stats("train"))
     run = Run(model, model_obj, guide_obj, pdata.spec, full_hparams, train_cfg, data_options, path=out)
     if out is not None:

@@ -208,6 +208,7 @@ def test_sparse_shift_defaults_no_zero_genes():
         dict(n_heldout=13),
         dict(library_size=0),
         dict(n_latent=0),
+        dict(val_fraction=1.0),
     ],
 )
 def test_sparse_shift_rejects_bad_arguments(kwargs):

@@ -44,6 +44,7 @@ import scipy.sparse as sp
 
 from pyro_perturb.data.splits import (
     _as_categorical,
+    _check_fraction,
     _stratified_train_val,
     combinatorial_split,
     heldout_perturbation_split,
@@ -415,6 +416,7 @@ def sparse_shift(
             f"need 1 <= min_targets <= max_targets <= n_latent, got min_targets={min_targets}, "
             f"max_targets={max_targets}, n_latent={n_latent}"
         )
+    val_fraction = _check_fraction("val_fraction", val_fraction, high_open=True)
     shift_mean = _check_positive("shift_mean", shift_mean, allow_zero=True)
     shift_sd = _check_positive("shift_sd", shift_sd, allow_zero=True)
     hidden = _check_int("hidden", hidden, 1)
@@ -761,8 +763,7 @@ def factorized(
     dispersion = _check_positive("dispersion", dispersion)
     dispersion_log_sd = _check_positive("dispersion_log_sd", dispersion_log_sd, allow_zero=True)
     logit_sd = _check_positive("logit_sd", logit_sd)
-    if not 0.0 <= float(val_fraction) < 1.0:
-        raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction!r}")
+    val_fraction = _check_fraction("val_fraction", val_fraction, high_open=True)
 
     rng_design, rng_latent, rng_decoder, rng_counts, rng_split = _rngs(seed, 5)
     lines = [f"line_{c}" for c in range(n_cov)]
@@ -803,7 +804,7 @@ def factorized(
     cell_line = np.asarray(lines, dtype=object)[cov_code]
     group = np.asarray([f"{c}|{p}" for c, p in zip(cell_line, perturbation)], dtype=object)
     heldout = np.isin(group, heldout_pairs)
-    split = _stratified_train_val(group, float(val_fraction), rng_split)
+    split = _stratified_train_val(group, val_fraction, rng_split)
     split[heldout] = "test"
 
     n_latent = lx + lt + ltx

@@ -145,6 +145,10 @@ def _param_groups(modules, cfg: TrainConfig, multipliers: dict, exclude: set[int
     return [{"params": ps, "lr": cfg.lr * f} for f, ps in sorted(groups.items())]
 
 
+def optimizer_params(optimizer) -> list[torch.Tensor]:
+    return [p for g in optimizer.param_groups for p in g["params"]]
+
+
 def _state(model, guide) -> dict:
     return {"model": copy.deepcopy(model.state_dict()), "guide": copy.deepcopy(guide.state_dict())}
 
@@ -244,9 +248,15 @@ def train(
             data.batches("train", cfg.batch_size, shuffle=True, seed=cfg.seed * 1_000_003 + epoch, device=device)
         ):
             batch = batch.with_kl_weight(kl_weight)
-            loss = elbo.differentiable_loss(model, guide, batch)
-            if aux is not None:
-                loss = loss + aux(guide, batch)
+            try:
+                loss = elbo.differentiable_loss(model, guide, batch)
+                if aux is not None:
+                    loss = loss + aux(guide, batch)
+            except ValueError:
+                # distribution argument checks fail on NaN parameters: that is divergence
+                if all(torch.isfinite(p).all() for p in optimizer_params(optimizer)):
+                    raise
+                loss = torch.tensor(float("nan"))
             if not torch.isfinite(loss):
                 model.load_state_dict(last_good["model"])
                 guide.load_state_dict(last_good["guide"])
@@ -259,9 +269,7 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.clip_norm:
-                torch.nn.utils.clip_grad_norm_(
-                    [p for g in optimizer.param_groups for p in g["params"]], cfg.clip_norm
-                )
+                torch.nn.utils.clip_grad_norm_(optimizer_params(optimizer), cfg.clip_norm)
             optimizer.step()
             if adv_optimizer is not None:
                 adv_loss = model.adversary_loss(guide, batch)

@@ -1,0 +1,102 @@
+"""The ``pyro-perturb`` command end to end on a tiny simulated file."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import anndata as ad
+import numpy as np
+import pytest
+
+from pyro_perturb.cli import main
+
+TINY = ["--set", "n_singles=4", "--set", "n_doubles=2", "--set", "cells_per_perturbation=30",
+        "--set", "n_control_cells=60", "--set", "n_genes=30", "--set", "n_ate_draws=50"]
+
+
+@pytest.fixture(scope="module")
+def tiny_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "tiny.h5ad"
+    assert main(["simulate", "combinatorial", "--out", str(path), "--seed", "1", *TINY]) == 0
+    return path
+
+
+def test_models_lists_cvae(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert any(line.startswith("cvae ") for line in out.splitlines())
+
+
+@pytest.mark.parametrize("kind", ["sparse-shift", "combinatorial", "factorized"])
+def test_simulate_writes_h5ad(tmp_path, kind):
+    out = tmp_path / "sim.h5ad"
+    sizes = {
+        "sparse-shift": ["--set", "n_perturbations=6", "--set", "cells_per_perturbation=10", "--set", "n_heldout=2", "--set", "n_control_cells=10"],
+        "combinatorial": TINY,
+        "factorized": ["--set", "n_covariates=2", "--set", "n_treatments=2", "--set", "cells_per_group=10", "--set", "n_heldout_pairs=1"],
+    }[kind]
+    assert main(["simulate", kind, "--out", str(out), *sizes]) == 0
+    adata = ad.read_h5ad(out)
+    assert "ground_truth" in adata.uns and "z_true" in adata.obsm
+
+
+def test_fit_evaluate_predict(tiny_file, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    args = ["fit", "--model", "cvae", "--data", str(tiny_file), "--out", str(run_dir), "--max-epochs", "2",
+            "--batch-size", "64", "--n-latent", "3", "--seed", "0", "--device", "cpu", "--set", "n_hidden=16", "--quiet"]
+    assert main(args) == 0
+    assert {"config.json", "model.pt", "history.csv", "checkpoint.pt"} <= {p.name for p in run_dir.iterdir()}
+    metrics_path = tmp_path / "eval" / "metrics.json"
+    assert main(["evaluate", str(run_dir), "--data", str(tiny_file), "--out", str(metrics_path), "--num-particles", "5"]) == 0
+    metrics = json.loads(metrics_path.read_text())
+    for split in ("train", "val", "test"):
+        assert metrics[split]["n_cells"] > 0 and np.isfinite(metrics[split]["iwelbo"])
+    # the run remembers its data: evaluate works without --data too
+    assert main(["evaluate", str(run_dir), "--out", str(tmp_path / "m2.json"), "--num-particles", "2"]) == 0
+    out = tmp_path / "pred.h5ad"
+    assert main(["predict", str(run_dir), "--data", str(tiny_file), "--out", str(out)]) == 0
+    assert ad.read_h5ad(out).obsm["X_latent"].shape[1] == 3
+    # resume continues to a larger epoch budget
+    assert main(["fit", "--model", "cvae", "--out", str(run_dir), "--resume", "--max-epochs", "3", "--quiet"]) == 0
+    assert len(open(run_dir / "history.csv").read().strip().splitlines()) == 4
+
+
+def _error(capsys, args):
+    code = main(args)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_bad_input_gives_one_line_error(tiny_file, tmp_path, capsys):
+    base = ["fit", "--model", "cvae", "--data", str(tiny_file), "--out", str(tmp_path / "r"), "--max-epochs", "1", "--quiet"]
+    assert "control label 'ctrl' not found" in _error(capsys, base + ["--control", "ctrl"])
+    assert "perturbation column 'gene' not found" in _error(capsys, base + ["--perturbation-key", "gene"])
+    assert "unknown setting 'n_latnet'" in _error(capsys, base + ["--set", "n_latnet=3"])
+    assert "unknown model 'nope'" in _error(capsys, ["fit", "--model", "nope", "--out", str(tmp_path / "x")])
+    assert "does not exist" in _error(capsys, ["fit", "--model", "cvae", "--data", str(tmp_path / "none.h5ad"), "--out", str(tmp_path / "y")])
+    assert "not a run directory" in _error(capsys, ["evaluate", str(tmp_path), "--out", str(tmp_path / "m.json")])
+    # a perturbation the model never learned, at prediction time
+    run_dir = tmp_path / "ok"
+    assert main(["fit", "--model", "cvae", "--data", str(tiny_file), "--out", str(run_dir), "--max-epochs", "1", "--quiet", "--set", "n_hidden=8"]) == 0
+    adata = ad.read_h5ad(tiny_file)
+    adata.obs["perturbation"] = adata.obs["perturbation"].astype(str)
+    adata.obs.iloc[0, adata.obs.columns.get_loc("perturbation")] = "p_unknown"
+    bad = tmp_path / "bad.h5ad"
+    adata.write_h5ad(bad)
+    assert "never learned: 'p_unknown'" in _error(capsys, ["predict", str(run_dir), "--data", str(bad), "--out", str(tmp_path / "p.h5ad")])
+
+
+def test_console_script_entry_point():
+    result = subprocess.run([sys.executable, "-m", "pyro_perturb.cli", "models"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "cvae" in result.stdout
+
+
+def test_demo_quick(tmp_path):
+    assert main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 0
+    metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    assert np.isfinite(metrics["test"]["iwelbo"])
+    assert (tmp_path / "demo" / "summary.txt").exists()

@@ -1,0 +1,233 @@
+"""The data layer: encoding, splits, minibatches, and every bad-input case."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+
+from pyro_perturb.data import Batch, PerturbationData, canonical_label
+
+from .conftest import shared_data
+
+
+def make_adata(n_per=20, n_genes=12, labels=("control", "A", "B", "A+B"), sparse=True, seed=0, **obs):
+    rng = np.random.default_rng(seed)
+    pert = np.repeat(labels, n_per)
+    X = rng.poisson(3.0, size=(len(pert), n_genes)).astype(np.float32)
+    X[:, 0] += 1  # no empty cells or genes
+    frame = pd.DataFrame({"perturbation": pert, **obs}, index=[f"c{i}" for i in range(len(pert))])
+    adata = ad.AnnData(X=sp.csr_matrix(X) if sparse else X, obs=frame)
+    adata.var_names = [f"g{i}" for i in range(n_genes)]
+    return adata
+
+
+def test_encoding_multi_hot_and_labels():
+    adata = make_adata(labels=("control", "A", "B", "B+A"))
+    data = PerturbationData.from_anndata(adata)
+    spec = data.spec
+    assert spec.perturbations == ["A", "B"]
+    assert spec.labels == ["control", "A", "A+B", "B"]  # "B+A" canonicalised
+    d = np.asarray(data.dosage.todense())
+    assert d.shape == (80, 2)
+    np.testing.assert_array_equal(d[:20], 0)
+    np.testing.assert_array_equal(d[20:40], [[1, 0]] * 20)
+    np.testing.assert_array_equal(d[60:], [[1, 1]] * 20)
+    assert (data.labels[:20] == 0).all() and (data.labels[60:] == spec.labels.index("A+B")).all()
+    np.testing.assert_allclose(data.library, np.asarray(adata.X.sum(1)).ravel())
+    assert spec.dosage_of("B+A").tolist() == [1.0, 1.0]
+
+
+def test_dense_and_sparse_agree():
+    dense = PerturbationData.from_anndata(make_adata(sparse=False))
+    sparse = PerturbationData.from_anndata(make_adata(sparse=True))
+    idx = np.array([5, 3, 70])
+    np.testing.assert_array_equal(dense.read_counts(idx), sparse.read_counts(idx))
+    np.testing.assert_array_equal(dense.split, sparse.split)
+
+
+def test_backed_streams_batches(tmp_path):
+    adata = make_adata(n_per=50)
+    path = tmp_path / "d.h5ad"
+    adata.write_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r")
+    data = PerturbationData.from_anndata(backed)
+    mem = PerturbationData.from_anndata(adata)
+    idx = np.array([150, 2, 77])
+    np.testing.assert_array_equal(data.read_counts(idx), mem.read_counts(idx))
+    total = sum(b.size for b in data.batches("train", batch_size=16, shuffle=True))
+    assert total == len(data.indices("train"))
+
+
+def test_doses_numeric_and_per_component():
+    adata = make_adata(labels=("control", "A", "A+B"))
+    adata.obs["dose"] = np.r_[np.zeros(20), np.full(20, 0.5), np.full(20, 2.0)]
+    data = PerturbationData.from_anndata(adata, dose_key="dose")
+    d = np.asarray(data.dosage.todense())
+    np.testing.assert_allclose(d[20], [0.5, 0])
+    np.testing.assert_allclose(d[40], [2.0, 2.0])
+    adata.obs["dose"] = ["0"] * 20 + ["0.5"] * 20 + ["1.0+0.25"] * 20
+    d = np.asarray(PerturbationData.from_anndata(adata, dose_key="dose").dosage.todense())
+    np.testing.assert_allclose(d[40], [1.0, 0.25])
+
+
+def test_covariates_and_split_column():
+    adata = make_adata(line=np.tile(["x", "y"], 40), split=np.repeat(["train", "val", "test", "train"], 20))
+    data = PerturbationData.from_anndata(adata, covariate_keys=["line"])
+    assert data.spec.covariate_categories == [["x", "y"]]
+    assert data.covariates[:4, 0].tolist() == [0, 1, 0, 1]
+    assert len(data.indices("train")) == 40 and len(data.indices("test")) == 20
+
+
+def test_random_split_seeded():
+    a = PerturbationData.from_anndata(make_adata(), seed=1)
+    b = PerturbationData.from_anndata(make_adata(), seed=1)
+    c = PerturbationData.from_anndata(make_adata(), seed=2)
+    np.testing.assert_array_equal(a.split, b.split)
+    assert (a.split != c.split).any()
+    counts = {s: int((a.split == s).sum()) for s in ("train", "val", "test")}
+    assert counts["train"] > counts["test"] > 0 and counts["val"] > 0
+
+
+def test_batches_cover_split_once_and_shapes():
+    data = PerturbationData.from_anndata(make_adata(line=np.tile(["x", "y"], 40)), covariate_keys=["line"])
+    seen = []
+    for batch in data.batches("train", batch_size=7, shuffle=False):
+        assert isinstance(batch, Batch)
+        assert batch.x.shape == (batch.size, 12) and batch.d.shape == (batch.size, 2)
+        assert batch.c.shape == (batch.size, 1) and batch.c.dtype == torch.long
+        assert batch.n_cells == len(data.indices("train"))
+        seen.extend(batch.index.tolist())
+    assert sorted(seen) == list(range(len(data.indices("train"))))
+    orders = [
+        [int(i) for b in data.batches("train", 7, shuffle=True, seed=s) for i in b.index] for s in (0, 0, 1)
+    ]
+    assert orders[0] == orders[1] != orders[2]
+
+
+def test_gene_stats():
+    data = PerturbationData.from_anndata(make_adata())
+    mean, std = data.gene_stats("train")
+    x = np.log1p(data.read_counts(data.indices("train")))
+    np.testing.assert_allclose(mean, x.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(std, x.std(0), rtol=1e-4)
+
+
+def test_canonical_label():
+    assert canonical_label("B+A", "control", "+") == "A+B"
+    assert canonical_label("control", "control", "+") == "control"
+
+
+# ---------------------------------------------------------------------------- bad input
+def _bad(adata, match, **kw):
+    with pytest.raises(ValueError, match=match):
+        PerturbationData.from_anndata(adata, **kw)
+
+
+def test_missing_perturbation_column():
+    _bad(make_adata(), "perturbation column 'guide' not found", perturbation_key="guide")
+
+
+def test_control_absent():
+    _bad(make_adata(), "control label 'non-targeting' not found", control="non-targeting")
+
+
+def test_negative_counts():
+    adata = make_adata(sparse=False)
+    adata.X[3, 2] = -1
+    _bad(adata, "negative")
+
+
+def test_non_integer_counts():
+    adata = make_adata()
+    adata.X = adata.X * 0.5
+    _bad(adata, "integers")
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_nan_inf_counts(value):
+    adata = make_adata(sparse=False)
+    adata.X[0, 0] = value
+    _bad(adata, "NaN or infinite")
+
+
+def test_missing_and_empty_labels():
+    adata = make_adata()
+    adata.obs["perturbation"] = adata.obs["perturbation"].astype(object)
+    adata.obs.iloc[3, 0] = None
+    _bad(adata, "missing values")
+    adata = make_adata()
+    adata.obs["perturbation"] = adata.obs["perturbation"].astype(object)
+    adata.obs.iloc[3, 0] = "  "
+    _bad(adata, "empty labels")
+    adata = make_adata(labels=("control", "A+"))
+    _bad(adata, "empty component")
+
+
+def test_zero_genes_and_empty_cells():
+    adata = make_adata(sparse=False)
+    adata.X[:, 5] = 0
+    _bad(adata, "zero counts in every cell: 'g5'")
+    adata = make_adata(sparse=False)
+    adata.X[7, :] = 0
+    _bad(adata, "zero total counts")
+
+
+def test_bad_split_values_and_covariates():
+    _bad(make_adata(split=["training"] * 80), "may only hold")
+    _bad(make_adata(), "covariate column 'line' not found", covariate_keys=["line"])
+    adata = make_adata(line=[None] + ["x"] * 79)
+    _bad(adata, "covariate column 'line' has 1 missing", covariate_keys=["line"])
+
+
+def test_bad_layer_and_dose():
+    _bad(make_adata(), "layer 'counts' not found", layer="counts")
+    adata = make_adata(labels=("control", "A+B"))
+    adata.obs["dose"] = ["1"] * 20 + ["1+2+3"] * 20
+    _bad(adata, "3 components", dose_key="dose")
+    adata.obs["dose"] = ["1"] * 20 + ["high"] * 20
+    _bad(adata, "non-numeric", dose_key="dose")
+
+
+def test_empty_adata_and_wrong_type():
+    _bad(make_adata()[:0], "no cells")
+    with pytest.raises(ValueError, match="AnnData"):
+        PerturbationData.from_anndata(np.zeros((3, 3)))
+
+
+def test_prediction_with_spec_refuses_unknowns():
+    spec = PerturbationData.from_anndata(make_adata()).spec
+    _bad(make_adata(labels=("control", "C")), "never learned: 'C'", spec=spec)
+    other = make_adata()
+    other.var_names = [f"h{i}" for i in range(12)]
+    _bad(other, "lacks 12 genes", spec=spec)
+    cov_spec = PerturbationData.from_anndata(make_adata(line=["x"] * 80), covariate_keys=["line"]).spec
+    _bad(make_adata(line=["z"] * 80), "never saw: 'z'", spec=cov_spec)
+
+
+def test_prediction_with_spec_accepts_unseen_combination():
+    spec = PerturbationData.from_anndata(make_adata(labels=("control", "A", "B"))).spec
+    data = PerturbationData.from_anndata(make_adata(labels=("control", "A+B")), spec=spec)
+    assert (data.labels[20:] == -1).all()  # no label code, but a valid dosage
+    np.testing.assert_array_equal(np.asarray(data.dosage[25].todense()), [[1, 1]])
+    # genes with zero counts are fine at prediction time
+    adata = make_adata(sparse=False)
+    adata.X[:, 5] = 0
+    PerturbationData.from_anndata(adata, spec=spec)
+
+
+@pytest.mark.parametrize("name,key,control,cov", [
+    ("papalexi2021_eccite_lowmoi.h5ad", "perturbation", "control", []),
+    ("kang2018_ifnb_pbmc.h5ad", "group_id", "ctrl", ["cluster_id"]),
+])
+def test_real_data_loads(name, key, control, cov):
+    adata = ad.read_h5ad(shared_data(name))
+    adata = adata[:, np.asarray(adata.X.sum(0)).ravel() > 0].copy()
+    data = PerturbationData.from_anndata(adata, perturbation_key=key, control=control, covariate_keys=cov)
+    assert data.n_cells == adata.n_obs
+    assert data.spec.labels[0] == control
+    batch = next(data.batches("train", 64))
+    assert batch.x.shape == (64, adata.n_vars)
