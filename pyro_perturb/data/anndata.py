@@ -277,15 +277,20 @@ class PerturbationData:
 
         # dosage: multi-hot over singles, scaled by doses ----------------------------
         parts_of_unique = [split_label(c, control, combination_separator) for c in canon_of_unique]
-        doses = _read_doses(obs, dose_key, combination_separator, parts_of_unique, inverse, raw)
-        rows, cols, vals = [], [], []
-        for i, u in enumerate(inverse):
-            for j, part in enumerate(parts_of_unique[u]):
-                rows.append(i)
-                cols.append(single_index[part])
-                vals.append(doses[i][j] if doses is not None else 1.0)
+        # vectorised over cells: each cell repeats the single-perturbation columns of
+        # its unique label (this runs on millions of cells)
+        unique_cols = [np.array([single_index[p] for p in parts], dtype=np.int64) for parts in parts_of_unique]
+        n_parts = np.array([len(c) for c in unique_cols], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(n_parts)[:-1]])
+        flat_cols = np.concatenate(unique_cols) if n_parts.sum() else np.zeros(0, dtype=np.int64)
+        lens = n_parts[inverse]
+        total = int(lens.sum())
+        rows = np.repeat(np.arange(n_cells), lens)
+        within = np.arange(total) - np.repeat(np.cumsum(lens) - lens, lens)
+        cols = flat_cols[np.repeat(offsets[inverse], lens) + within]
+        vals = _read_doses(obs, dose_key, combination_separator, lens, raw, total)
         dosage = sp.csr_matrix(
-            (np.asarray(vals, dtype=np.float32), (np.asarray(rows), np.asarray(cols))),
+            (vals, (rows, cols)),
             shape=(n_cells, len(singles)),
         )
         dosage.sum_duplicates()
@@ -310,8 +315,7 @@ class PerturbationData:
                         f"covariate column {key!r} holds values the model never saw: "
                         f"{_names(unknown)}; known: {_names(cats, 10)}"
                     )
-            lookup = {c: i for i, c in enumerate(cats)}
-            cov_codes[:, k] = [lookup[v] for v in values]
+            cov_codes[:, k] = pd.Categorical(values, categories=cats).codes
             categories.append(cats)
 
         # counts -------------------------------------------------------------------
@@ -495,40 +499,44 @@ class PerturbationData:
 
 
 # ---------------------------------------------------------------------------- helpers
-def _read_doses(obs, dose_key, separator, parts_of_unique, inverse, raw):
-    """Per-cell list of doses, one per component, or None when there is no dose column."""
+def _read_doses(obs, dose_key, separator, lens, raw, total) -> np.ndarray:
+    """Dose of every (cell, component) entry of the dosage matrix, in row order."""
     if not dose_key:
-        return None
+        return np.ones(total, dtype=np.float32)
     col = obs[dose_key]
+    treated = lens > 0
+    if pd.api.types.is_numeric_dtype(col):
+        values = col.to_numpy(dtype=np.float64)
+        bad = treated & ~np.isfinite(values)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"dose column {dose_key!r} has a non-finite value {values[i]!r} (cell {obs.index[i]!r})")
+        bad = treated & (values < 0)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"dose column {dose_key!r} has a negative value {values[i]!r} (cell {obs.index[i]!r})")
+        return np.repeat(values, lens).astype(np.float32)
     out = []
-    numeric = pd.api.types.is_numeric_dtype(col)
     values = col.to_numpy()
-    for i, u in enumerate(inverse):
-        n_parts = len(parts_of_unique[u])
-        v = values[i]
-        if numeric:
-            doses = [float(v)] * n_parts
-        else:
-            try:
-                doses = [float(s) for s in str(v).split(separator)]
-            except ValueError:
-                raise ValueError(
-                    f"dose column {dose_key!r} has a non-numeric value {v!r} "
-                    f"(cell {obs.index[i]!r})"
-                ) from None
-            if len(doses) == 1:
-                doses = doses * n_parts
-            elif n_parts and len(doses) != n_parts:
-                raise ValueError(
-                    f"dose {v!r} of cell {obs.index[i]!r} has {len(doses)} components "
-                    f"but its perturbation {raw[i]!r} has {n_parts}"
-                )
-        if n_parts and not np.all(np.isfinite(doses)):
-            raise ValueError(f"dose column {dose_key!r} has a non-finite value {v!r}")
-        if n_parts and any(dv < 0 for dv in doses):
-            raise ValueError(f"dose column {dose_key!r} has a negative value {v!r}")
-        out.append(doses)
-    return out
+    for i in np.flatnonzero(treated):
+        v, n = values[i], lens[i]
+        try:
+            doses = [float(t) for t in str(v).split(separator)]
+        except ValueError:
+            raise ValueError(f"dose column {dose_key!r} has a non-numeric value {v!r} (cell {obs.index[i]!r})") from None
+        if len(doses) == 1:
+            doses = doses * n
+        elif len(doses) != n:
+            raise ValueError(
+                f"dose {v!r} of cell {obs.index[i]!r} has {len(doses)} components "
+                f"but its perturbation {raw[i]!r} has {n}"
+            )
+        if not np.all(np.isfinite(doses)):
+            raise ValueError(f"dose column {dose_key!r} has a non-finite value {v!r} (cell {obs.index[i]!r})")
+        if any(d < 0 for d in doses):
+            raise ValueError(f"dose column {dose_key!r} has a negative value {v!r} (cell {obs.index[i]!r})")
+        out.extend(doses)
+    return np.asarray(out, dtype=np.float32)
 
 
 def _read_rows(counts, idx: np.ndarray) -> np.ndarray:
