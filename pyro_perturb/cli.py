@@ -1,6 +1,6 @@
 """The ``pyro-perturb`` command.
 
-Subcommands: ``models``, ``simulate``, ``fit``, ``evaluate``, ``predict``, ``demo``.
+Subcommands: ``models``, ``simulate``, ``fit``, ``evaluate``, ``predict``, ``transfer``, ``demo``.
 Bad input (a missing column, an unknown perturbation, a non-count matrix, a bad
 setting) ends with a one-line ``error: ...`` on stderr and exit status 2.
 """
@@ -128,6 +128,33 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_transfer(args) -> int:
+    from .evaluate import write_metrics
+    from .infer.transfer import transfer_run
+    from .run import load_run
+
+    run = load_run(args.run_dir, device=args.device)
+    results = transfer_run(
+        run,
+        _data_for(run, args.data),
+        split=args.split,
+        fit_fraction=args.fit_fraction,
+        fit_cells_per_label=args.fit_cells_per_label,
+        max_epochs=args.max_epochs,
+        min_steps=args.min_steps,
+        lr=args.lr,
+        num_particles=args.num_particles,
+        seed=args.seed,
+    )
+    out = Path(args.out)
+    write_metrics(results, out)
+    print(
+        f"wrote {out}; held-out ELBO {results['transfer_elbo']:.3f}, IWELBO {results['transfer_iwelbo']:.3f} "
+        f"per cell ({results['n_eval_cells']} cells, {results['n_parameters_fitted']} parameters fitted)"
+    )
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -187,6 +214,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser(
+        "transfer",
+        help="OOD transfer: freeze a run, fit only the held-out perturbations' parameters, "
+        "report held-out ELBO and IWELBO as metrics.json",
+    )
+    p.add_argument("run_dir")
+    p.add_argument("--data", help=".h5ad (default: the run's training data)")
+    p.add_argument("--out", required=True, help="metrics.json path")
+    p.add_argument("--split", default="test", help="split holding the held-out perturbations' cells")
+    p.add_argument("--fit-fraction", type=float, default=0.5, help="share of held-out cells used to fit")
+    p.add_argument("--fit-cells-per-label", type=int, help="cap on fit cells per held-out label (few-shot)")
+    p.add_argument("--max-epochs", type=int, default=50)
+    p.add_argument("--min-steps", type=int, default=500, help="at least this many optimizer steps")
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--num-particles", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.set_defaults(func=cmd_transfer)
 
     p = sub.add_parser("demo", help="the main job on built-in data: simulate, fit, evaluate, plot")
     p.add_argument("--out", default="demo_out")

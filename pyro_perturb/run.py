@@ -148,6 +148,16 @@ class Run:
 
         return evaluate_run(self, self.encode(data), num_particles=num_particles, out_dir=out_dir, seed=seed)
 
+    def ate(self, labels, num_particles: int = 2500, seed: int = 0) -> pd.DataFrame:
+        """Model ATE of perturbation labels (``"A"``, ``"A+B"``...; labels x genes) by
+        posterior predictive (:func:`pyro_perturb.evaluate.ate.model_ate`), on the run's
+        device. Combinations of known singles work for models that compose."""
+        from .data.anndata import canonical_label
+        from .evaluate.ate import model_ate
+
+        labels = [canonical_label(lab, self.spec.control, self.spec.separator) for lab in ([labels] if isinstance(labels, str) else labels)]
+        return model_ate(self.model, self.guide, self.spec, labels, num_particles=num_particles, seed=seed, device=self.device)
+
     # ------------------------------------------------------------------ persistence
     def config(self) -> dict:
         return {

@@ -81,3 +81,12 @@ def _jsonable(obj):
 
 
 __all__ = ["EVALUATORS", "evaluate_run", "register_evaluator", "write_metrics"]
+
+# ATE by posterior predictive, for every model with a dosage (pyro_perturb/evaluate/ate.py)
+from .ate import ate_evaluator  # noqa: E402
+
+register_evaluator(ate_evaluator)
+
+
+from . import groups  # noqa: E402,F401  (registers the group-means evaluator)
+from . import recovery  # noqa: E402,F401  (registers the latent-recovery evaluator)

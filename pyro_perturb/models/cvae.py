@@ -58,7 +58,8 @@ class ConditionalVAEModel(PyroModule):
         """Score (or, with ``observe=False``, sample) the batch's counts."""
         x = batch.x
         with pyro.plate("cells", batch.n_cells, subsample=batch.index):
-            loc = x.new_zeros((batch.size, self.n_latent))
+            # from an input that is never None (x is None for posterior predictive)
+            loc = batch.library.new_zeros((batch.size, self.n_latent))
             with poutine.scale(scale=batch.kl_weight):
                 z = pyro.sample("z", dist.Normal(loc, 1.0).to_event(1))
             decoder_input = broadcast_cat([z, batch.d, covariate_onehot(batch.c, self.spec.covariate_sizes)])
