@@ -62,9 +62,9 @@ def main(args) -> dict:
           f"(validation loss {run.history[-1]['val_loss']:.2f} per cell)")
 
     # 3. evaluation: IWELBO per split, ATE by posterior predictive, PPC, plots
-    run.ate_options = {"num_particles": 100 if args.tiny else args.ate_particles,
-                       "ppc_draws": 4 if args.tiny else 30}
-    results = run.evaluate(run.data, num_particles=10 if args.tiny else 100, out_dir=out, seed=args.seed)
+    results = run.evaluate(run.data, num_particles=10 if args.tiny else 100, out_dir=out, seed=args.seed,
+                           ate_particles=100 if args.tiny else args.ate_particles,
+                           ppc_draws=4 if args.tiny else 30)
     write_metrics(results, out / "metrics.json")
 
     # SAMS-VAE's masks against the simulator's true sparse targets (after matching latents)

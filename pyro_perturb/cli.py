@@ -109,7 +109,10 @@ def cmd_evaluate(args) -> int:
 
     run = load_run(args.run_dir, device=args.device)
     out = Path(args.out)
-    results = run.evaluate(_data_for(run, args.data), num_particles=args.num_particles, out_dir=out.parent, seed=args.seed)
+    results = run.evaluate(
+        _data_for(run, args.data), num_particles=args.num_particles, out_dir=out.parent, seed=args.seed,
+        ate_particles=args.ate_particles, ate_plots=not args.no_plots, ate_ppc=not args.no_plots,
+    )
     write_metrics(results, out)
     summary = {s: results[s].get("iwelbo") for s in ("train", "val", "test") if s in results}
     print(f"wrote {out}; iwelbo per split: {json.dumps(summary)}")
@@ -203,7 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--data")
     p.add_argument("--out", required=True, help="metrics.json path; other outputs go beside it")
-    p.add_argument("--num-particles", type=int, default=100)
+    p.add_argument("--num-particles", type=int, default=100, help="IWELBO importance samples")
+    p.add_argument("--ate-particles", type=int, default=2500, help="posterior predictive particles of the model ATE")
+    p.add_argument("--no-plots", action="store_true", help="skip the PPC export and PNG plots")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.set_defaults(func=cmd_evaluate)

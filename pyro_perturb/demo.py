@@ -50,8 +50,10 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False, seed: int = 0) -
         shutil.rmtree(run_dir)
     run = fit(adata, model=DEMO_MODEL, out=run_dir, seed=seed, **settings)
     print(f"trained {DEMO_MODEL} for {len(run.history)} epochs -> {run_dir}")
-    run.ate_options = {"num_particles": 50 if quick else DEMO_ATE_PARTICLES, "ppc_draws": 4 if quick else 30}
-    results = run.evaluate(run.data, num_particles=10 if quick else 100, out_dir=out, seed=seed)
+    results = run.evaluate(
+        run.data, num_particles=10 if quick else 100, out_dir=out, seed=seed,
+        ate_particles=50 if quick else DEMO_ATE_PARTICLES, ppc_draws=4 if quick else 30,
+    )
     probs = getattr(run.guide, "mask_probabilities", None)
     if probs is not None:
         gt = adata.uns["ground_truth"]

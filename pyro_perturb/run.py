@@ -142,11 +142,19 @@ class Run:
             out.obsm[key] = value
         return out
 
-    def evaluate(self, data, num_particles: int = 100, out_dir: str | os.PathLike | None = None, seed: int = 0) -> dict:
-        """Metrics per split (see :func:`pyro_perturb.evaluate.evaluate_run`)."""
+    def evaluate(
+        self,
+        data,
+        num_particles: int = 100,
+        out_dir: str | os.PathLike | None = None,
+        seed: int = 0,
+        **options,
+    ) -> dict:
+        """Metrics per split (see :func:`pyro_perturb.evaluate.evaluate_run`); ``options``
+        go to the evaluators (e.g. ``ate_particles=500``)."""
         from .evaluate import evaluate_run
 
-        return evaluate_run(self, self.encode(data), num_particles=num_particles, out_dir=out_dir, seed=seed)
+        return evaluate_run(self, self.encode(data), num_particles=num_particles, out_dir=out_dir, seed=seed, options=options)
 
     def ate(self, labels, num_particles: int = 2500, seed: int = 0) -> pd.DataFrame:
         """Model ATE of perturbation labels (``"A"``, ``"A+B"``...; labels x genes) by

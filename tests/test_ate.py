@@ -150,8 +150,7 @@ def test_evaluate_writes_ate_outputs(tmp_path, combo_adata):
     from pyro_perturb.evaluate import write_metrics
 
     run = pp.fit(combo_adata, model="sams_vae", max_epochs=2, **SMALL)
-    run.ate_options = {"num_particles": 50, "ppc_draws": 4}
-    res = run.evaluate(run.data, num_particles=5, out_dir=tmp_path)
+    res = run.evaluate(run.data, num_particles=5, out_dir=tmp_path, ate_particles=50, ppc_draws=4)
     write_metrics(res, tmp_path / "metrics.json")
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     for split in ("all", "train", "test"):

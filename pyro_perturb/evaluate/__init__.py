@@ -21,7 +21,8 @@ from ..data.anndata import SPLITS
 from ..infer.checkpoint import atomic_json
 from ..infer.iwelbo import iwelbo
 
-# evaluator(run, data, results, out_dir, seed): adds to ``results`` in place
+# evaluator(run, data, results, out_dir, seed, options): adds to ``results`` in place;
+# ``options`` is a dict of evaluator settings (e.g. ``ate_particles``), possibly empty
 Evaluator = Callable[..., None]
 EVALUATORS: list[Evaluator] = []
 
@@ -40,8 +41,13 @@ def evaluate_run(
     out_dir: str | os.PathLike | None = None,
     seed: int = 0,
     splits: tuple[str, ...] = SPLITS,
+    options: dict | None = None,
 ) -> dict:
-    """Held-out IWELBO per split and every registered metric; JSON-ready dict."""
+    """Held-out IWELBO per split and every registered metric; JSON-ready dict.
+
+    ``options`` go to the registered evaluators: ``ate_particles`` (model ATE particles,
+    default 2,500), ``ate_ppc`` / ``ate_plots`` (bools), ``ppc_draws``, ``ate_data_cells``.
+    """
     results: dict = {}
     for split in splits:
         idx = data.indices(split)
@@ -57,7 +63,7 @@ def evaluate_run(
     results["num_particles"] = num_particles
     out = Path(out_dir) if out_dir is not None else None
     for evaluator in EVALUATORS:
-        evaluator(run, data, results, out, seed)
+        evaluator(run, data, results, out, seed, dict(options or {}))
     return results
 
 

@@ -360,27 +360,29 @@ def _true_ate(data: PerturbationData) -> pd.DataFrame | None:
 
 
 # ----------------------------------------------------------------------------- evaluator
-def ate_evaluator(run, data: PerturbationData, results: dict, out_dir: Path | None, seed: int) -> None:
+def ate_evaluator(
+    run, data: PerturbationData, results: dict, out_dir: Path | None, seed: int, options: dict | None = None
+) -> None:
     """``evaluate`` hook: ATE metrics per treatment split, CSVs, PPC export and plots.
 
     Adds ``results["ate"]`` = ``{"all"|"train"|"test": metrics, "notes": ...,
     "num_particles": ...}`` and copies the train / test treatment-split metrics into
-    ``results["train"]`` / ``results["test"]``. Options (``run.ate_options``, a dict):
-    ``num_particles`` (default 2500), ``ppc`` (default True), ``plots`` (default True),
-    ``data_cells`` (default ``"heldout"``).
+    ``results["train"]`` / ``results["test"]``. Options (``evaluate_run(options=...)``):
+    ``ate_particles`` (default 2500), ``ate_ppc`` (default True), ``ate_plots`` (default
+    True), ``ppc_draws`` (default 30), ``ate_data_cells`` (default ``"heldout"``).
     """
     if data.spec.n_perturbations == 0:
         return
-    opts = dict(getattr(run, "ate_options", None) or {})
-    num_particles = int(opts.get("num_particles", DEFAULT_PARTICLES))
+    opts = dict(options or {})
+    num_particles = int(opts.get("ate_particles", DEFAULT_PARTICLES))
     res = ate_results(
         run.model, run.guide, data, num_particles=num_particles, seed=seed, device=run.device,
-        data_cells=opts.get("data_cells", "heldout"),
+        data_cells=opts.get("ate_data_cells", "heldout"),
     )
     block = {s: res["metrics"][s] for s in ATE_SPLITS}
     block["num_particles"] = num_particles
     block["composes"] = bool(getattr(run.model, "composes", True))
-    block["data_cells"] = str(opts.get("data_cells", "heldout"))
+    block["data_cells"] = str(opts.get("ate_data_cells", "heldout"))
     if res["notes"]:
         block["notes"] = {lab: why for lab, why in res["notes"].items()}
     if data.spec.covariate_keys:
@@ -396,7 +398,6 @@ def ate_evaluator(run, data: PerturbationData, results: dict, out_dir: Path | No
     for s in ("train", "test"):
         if s in results and isinstance(results[s], dict):
             results[s].update({k: v for k, v in res["metrics"][s].items()})
-    run._last_ate = res  # for callers that want the DataFrames without re-running
     if out_dir is None:
         return
     out_dir = Path(out_dir)
@@ -405,7 +406,7 @@ def ate_evaluator(run, data: PerturbationData, results: dict, out_dir: Path | No
     res["data"].to_csv(out_dir / "ate_data.csv")
     if "true" in res:
         res["true"].to_csv(out_dir / "ate_true.csv")
-    if opts.get("ppc", True):
+    if opts.get("ate_ppc", True):
         from .ppc import posterior_predictive_check
 
         idata = posterior_predictive_check(run.model, run.guide, data, seed=seed, device=run.device,
@@ -415,7 +416,7 @@ def ate_evaluator(run, data: PerturbationData, results: dict, out_dir: Path | No
         except Exception:  # noqa: BLE001 - the export is optional; the plots still come
             pass
         res["idata"] = idata
-    if opts.get("plots", True):
+    if opts.get("ate_plots", True):
         from . import plots
 
         plots.ate_scatter(res, out_dir / "ate_scatter.png", title=run.name)

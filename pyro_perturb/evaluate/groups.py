@@ -383,7 +383,7 @@ def _latents(run, data: PerturbationData, idx: np.ndarray, batch_size: int = 102
 
 
 @register_evaluator
-def group_evaluator(run, data: PerturbationData, results: dict, out_dir, seed: int) -> None:
+def group_evaluator(run, data: PerturbationData, results: dict, out_dir, seed: int, options: dict | None = None) -> None:
     """Group-mean R^2 (model and additive baseline), block clustering and dHSIC per split,
     for data with covariates; writes ``group_means_model.csv`` / ``group_means_data.csv``."""
     if not data.spec.covariate_keys:

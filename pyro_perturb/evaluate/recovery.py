@@ -112,7 +112,7 @@ def recovery_metrics(run, data, seed: int = 0, latents: np.ndarray | None = None
 
 
 @register_evaluator
-def recovery_evaluator(run, data, results, out_dir, seed) -> None:
+def recovery_evaluator(run, data, results, out_dir, seed, options: dict | None = None) -> None:
     """Adds the recovery metrics to ``results`` when the data has ground truth."""
     if not has_ground_truth(data):
         return
