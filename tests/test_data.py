@@ -231,3 +231,20 @@ def test_real_data_loads(name, key, control, cov):
     assert data.spec.labels[0] == control
     batch = next(data.batches("train", 64))
     assert batch.x.shape == (64, adata.n_vars)
+
+
+def test_request_batch_for_posterior_predictive():
+    spec = PerturbationData.from_anndata(make_adata(line=np.tile(["x", "y"], 40)), covariate_keys=["line"]).spec
+    batch = spec.request_batch(["control", "A+B", "A"], np.array([1e3, 2e3, 3e3]), covariate_codes=[1])
+    assert batch.x is None and batch.size == 3
+    assert batch.d.tolist() == [[0, 0], [1, 1], [1, 0]]
+    assert batch.label.tolist() == [0, spec.labels.index("A+B"), spec.labels.index("A")]
+    assert batch.c.tolist() == [[1], [1], [1]] and batch.library.tolist() == [1e3, 2e3, 3e3]
+    default = spec.request_batch(["A"], 1e4)
+    assert default.c.tolist() == [[0]] and default.library.tolist() == [1e4]
+
+
+def test_request_batch_refuses_unknown_perturbation():
+    spec = PerturbationData.from_anndata(make_adata()).spec
+    with pytest.raises(ValueError, match="'C'"):
+        spec.request_batch(["C"], 1e4)

@@ -103,6 +103,42 @@ class DataSpec:
         return vec
 
 
+    def request_batch(
+        self,
+        labels: Sequence[str],
+        library,
+        covariate_codes: Sequence[int] | None = None,
+        device: torch.device | str = "cpu",
+    ) -> Batch:
+        """A :class:`Batch` without observations (``x=None``) asking for given treatments.
+
+        One row per entry of ``labels`` (dosage from :meth:`dosage_of`, label code, -1 for
+        a label outside the vocabulary), all with the same covariate codes (default: the
+        first category of each key) and the given library size(s) (a number or ``(n,)``).
+        Used by posterior predictives (model ATE, counterfactual group means).
+        """
+        n = len(labels)
+        d = (
+            np.stack([self.dosage_of(lab) for lab in labels])
+            if self.n_perturbations
+            else np.zeros((n, 0), np.float32)
+        )
+        index = {lab: i for i, lab in enumerate(self.labels)}
+        codes = np.array([index.get(lab, -1) for lab in labels], dtype=np.int64)
+        cov = np.zeros(len(self.covariate_keys), dtype=np.int64) if covariate_codes is None else covariate_codes
+        cov = np.tile(np.asarray(cov, dtype=np.int64).reshape(1, -1), (n, 1)).reshape(n, len(self.covariate_keys))
+        library = np.broadcast_to(np.asarray(library, dtype=np.float32), (n,))
+        device = torch.device(device)
+        return Batch(
+            x=None,
+            d=torch.as_tensor(d, dtype=torch.float32, device=device),
+            c=torch.as_tensor(cov, device=device),
+            label=torch.as_tensor(codes, device=device),
+            library=torch.as_tensor(np.ascontiguousarray(library), device=device),
+            index=torch.arange(n, device=device),
+            n_cells=n,
+        )
+
 def split_label(label: str, control: str, separator: str) -> list[str]:
     """Components of a perturbation label; the control has none."""
     if label == control:

@@ -188,24 +188,6 @@ class _DosageSite:
         return self.model(replace(batch, d=d), observe=False)
 
 
-def _treatment_batch(spec, labels: list[str], device, library: float) -> Batch:
-    """One row per label (the control first is the caller's business), x = None."""
-    d = np.stack([spec.dosage_of(lab) for lab in labels]).astype(np.float32)
-    index = {lab: i for i, lab in enumerate(spec.labels)}
-    codes = np.array([index.get(lab, -1) for lab in labels], dtype=np.int64)
-    n = len(labels)
-    d_t = torch.as_tensor(d, device=device)
-    return Batch(
-        x=None,
-        d=d_t,
-        c=torch.zeros((n, len(spec.covariate_keys)), dtype=torch.long, device=device),
-        label=torch.as_tensor(codes, device=device),
-        library=torch.full((n,), float(library), dtype=d_t.dtype, device=device),
-        index=torch.arange(n, device=device),
-        n_cells=n,
-    )
-
-
 @torch.no_grad()
 def model_ate(
     model,
@@ -252,7 +234,7 @@ def model_ate(
         pyro.set_rng_seed(seed)
         for start in range(0, len(labels), treatment_batch):
             chunk = labels[start : start + treatment_batch]
-            batch = _treatment_batch(spec, [spec.control] + chunk, device, library)
+            batch = spec.request_batch([spec.control] + chunk, library, device=device)
             # the model's own dosage is the control's; the intervention sets each row's
             intervened = poutine.do(sampler, data={"d": batch.d})
             base = replace(batch, d=torch.zeros_like(batch.d))

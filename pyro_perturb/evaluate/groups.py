@@ -44,6 +44,7 @@ from pyro import poutine
 
 from ..data import Batch, PerturbationData
 from . import register_evaluator
+from .ate import lognormalize
 from .metrics import clustering_scores, de_genes, dhsic, group_r2
 
 MIN_CELLS = 30  # groups with more than this many cells are scored
@@ -54,17 +55,6 @@ _LN2 = math.log(2.0)
 # --------------------------------------------------------------------------- prediction
 
 
-def lognorm(counts: np.ndarray | torch.Tensor, total=None):
-    """``log2(1 + 1e4 * x / total)`` per row (total: the row sums unless given)."""
-    if isinstance(counts, torch.Tensor):
-        tot = counts.sum(-1, keepdim=True) if total is None else total.unsqueeze(-1)
-        return torch.log2(1.0 + 1e4 * counts / tot.clamp_min(1.0))
-    counts = np.asarray(counts, dtype=np.float64)
-    tot = counts.sum(-1, keepdims=True) if total is None else np.asarray(total, dtype=np.float64)[:, None]
-    return np.log2(1.0 + 1e4 * counts / np.maximum(tot, 1.0))
-
-
-@torch.no_grad()
 def predict_lognorm(model, guide, batch: Batch) -> torch.Tensor:
     """Posterior-predictive draws ``(B, G)`` of log2(1 + 1e4-normalised) expression for the
     batch's (d, c, library), with locals from the prior (see the module docstring)."""
@@ -77,23 +67,7 @@ def predict_lognorm(model, guide, batch: Batch) -> torch.Tensor:
     kind = getattr(getattr(model, "likelihood", None), "kind", "nb")
     if kind == "gaussian":
         return x / _LN2  # the Gaussian models log1p(1e4 x / l) = ln(1 + y); log2 = ln / ln 2
-    return lognorm(x)
-
-
-def _request_batch(spec, cov_codes, label, library, device) -> Batch:
-    n = len(library)
-    d = np.tile(spec.dosage_of(label), (n, 1)) if spec.n_perturbations else np.zeros((n, 0), np.float32)
-    code = spec.labels.index(label) if label in spec.labels else -1
-    c = np.tile(np.asarray(cov_codes, dtype=np.int64).reshape(1, -1), (n, 1))
-    return Batch(
-        x=None,
-        d=torch.as_tensor(d, dtype=torch.float32, device=device),
-        c=torch.as_tensor(c, device=device).reshape(n, len(spec.covariate_keys)),
-        label=torch.full((n,), code, dtype=torch.long, device=device),
-        library=torch.as_tensor(np.asarray(library, dtype=np.float32), device=device),
-        index=torch.arange(n, device=device),
-        n_cells=n,
-    )
+    return lognormalize(x)
 
 
 def _cov_codes(spec, covariates) -> tuple[int, ...]:
@@ -157,7 +131,8 @@ def _predict(model, guide, spec, codes, label, lib, seed, device, batch_size, me
     with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
         pyro.set_rng_seed(seed)
         for start in range(0, len(lib), batch_size):
-            batch = _request_batch(spec, codes, label, lib[start : start + batch_size], device)
+            sub = lib[start : start + batch_size]
+            batch = spec.request_batch([label] * len(sub), sub, codes, device)
             draws = predict_lognorm(model, guide, batch).double()
             if mean:
                 s = draws.sum(0)
@@ -213,7 +188,8 @@ def observed_group_means(data: PerturbationData, idx: np.ndarray, chunk: int = 4
     sums = np.zeros((len(uniq), G))
     for start in range(0, len(idx), chunk):
         sl = slice(start, start + chunk)
-        rows = lognorm(data.read_counts(idx[sl]), data.library[idx[sl]])
+        # library sizes are the row sums, which lognormalize divides by
+        rows = lognormalize(data.read_counts(idx[sl]).astype(np.float64))
         np.add.at(sums, inv[sl], rows)
     counts = np.bincount(inv, minlength=len(uniq))
     means = pd.DataFrame(sums / counts[:, None], index=pd.Index(uniq, name="group"), columns=data.spec.genes)
