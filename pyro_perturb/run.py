@@ -119,17 +119,22 @@ class Run:
         return _iwelbo(self.model, self.guide, data, split, num_particles, seed=seed, device=self.device)
 
     @torch.no_grad()
-    def latents(self, data, batch_size: int = 1024) -> dict[str, np.ndarray]:
-        """Posterior-mean latents of every cell: ``{"X_latent": (n, L), ...}``."""
+    def latents(self, data, batch_size: int = 1024, indices: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Posterior-mean latents ``{"X_latent": (n, L), ...}`` of every cell, or of the
+        cells ``indices`` (rows in that order)."""
         data = self.encode(data)
         self.guide.eval()
         parts: dict[str, list] = {}
-        idx = np.arange(data.n_cells)
+        idx = np.arange(data.n_cells) if indices is None else np.asarray(indices)
         for start in range(0, len(idx), batch_size):
             sub = idx[start : start + batch_size]
+            # a batch holds its cells in sorted order; put the rows back in sub's order
+            order = np.argsort(sub, kind="stable")
+            back = np.empty_like(order)
+            back[order] = np.arange(len(order))
             out = self.guide.posterior_latents(data.batch(sub, device=self.device))
             for k, v in out.items():
-                parts.setdefault(k, []).append(v.cpu().numpy())
+                parts.setdefault(k, []).append(v.cpu().numpy()[back])
         return {k: np.concatenate(v) for k, v in parts.items()}
 
     def predict(self, adata):

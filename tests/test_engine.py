@@ -183,3 +183,10 @@ def test_cvae_and_evaluation_are_device_clean(tiny_data):
     assert_device_clean(model, guide, batch)
     values = run_device_clean(iwelbo, model, guide, tiny_data, "test", 4)
     assert np.isfinite(values).all()
+
+
+def test_latents_of_chosen_cells_keep_their_order(tiny_data):
+    run = pp.fit(tiny_data, model="cvae", max_epochs=1, **SMALL)
+    everything = run.latents(tiny_data)["X_latent"]
+    chosen = np.array([40, 3, 17, 3])
+    np.testing.assert_allclose(run.latents(tiny_data, batch_size=3, indices=chosen)["X_latent"], everything[chosen], rtol=1e-5)

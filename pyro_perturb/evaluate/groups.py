@@ -320,7 +320,7 @@ def block_scores(run, data: PerturbationData, idx: np.ndarray, seed: int = 0, ma
         idx = np.sort(rng.choice(idx, max_cells, replace=False))
     if len(idx) < 4:
         return {}
-    lat = _latents(run, data, idx)
+    lat = run.latents(data, indices=idx)
     blocks = {k[2:] if k.startswith("X_") else k: v for k, v in lat.items() if k != "X_latent"}
     if len(blocks) < 2:
         blocks = {"latent": lat["X_latent"]}
@@ -348,16 +348,6 @@ def block_scores(run, data: PerturbationData, idx: np.ndarray, seed: int = 0, ma
 
 
 @torch.no_grad()
-def _latents(run, data: PerturbationData, idx: np.ndarray, batch_size: int = 1024) -> dict:
-    run.guide.eval()
-    parts: dict = {}
-    for start in range(0, len(idx), batch_size):
-        out = run.guide.posterior_latents(data.batch(idx[start : start + batch_size], device=run.device))
-        for k, v in out.items():
-            parts.setdefault(k, []).append(v.cpu().numpy())
-    return {k: np.concatenate(v) for k, v in parts.items()}
-
-
 @register_evaluator
 def group_evaluator(run, data: PerturbationData, results: dict, out_dir, seed: int, options: dict | None = None) -> None:
     """Group-mean R^2 (model and additive baseline), block clustering and dHSIC per split,
