@@ -174,3 +174,24 @@ def test_mask_recovers_sparse_targets():
     match, _ = match_latents(ad.obsm["z_true"], run.latents(run.data)["X_latent"])
     scores = target_identification(ad.uns["ground_truth"]["targets"], run.guide.mask_probabilities().numpy(), match)
     assert scores["f1"] >= 0.5, scores
+
+
+def test_evaluate_scores_targets_from_the_masks():
+    """The recovery evaluator reads SAMS-VAE's mask (not the latent-shift fallback)."""
+    from pyro_perturb.data import simulate, PerturbationData
+    from pyro_perturb.evaluate.recovery import inferred_targets
+    from pyro_perturb.registry import build
+
+    adata = simulate.combinatorial(seed=0, n_singles=4, n_doubles=2, cells_per_perturbation=20,
+                                   n_control_cells=40, n_genes=20, n_ate_draws=10)
+    data = PerturbationData.from_anndata(adata)
+    for name, is_mask in (("sams_vae", True), ("sams_vae_mf", True), ("cpa_vae", False)):
+        model, guide, _ = build(name, data.spec, {"n_latent": 3, "n_hidden": 8})
+
+        class _Run:
+            pass
+
+        run = _Run()
+        run.model, run.guide, run.spec = model, guide, data.spec
+        scores, mask, names = inferred_targets(run, np.zeros((data.n_cells, 3)), data)
+        assert mask is is_mask and names == data.spec.perturbations and scores.shape == (4, 3)

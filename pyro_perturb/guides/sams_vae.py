@@ -97,6 +97,11 @@ class _MaskMixin:
         """``q(M_tl = 1)``, shape ``(T, L)``."""
         return torch.sigmoid(self.mask_logits)
 
+    def target_scores(self):
+        """For :mod:`pyro_perturb.evaluate.recovery`: ``q(M = 1)`` per perturbation
+        (rows ``spec.perturbations``), called targets where > 0.5."""
+        return self.mask_probabilities(), True, list(self.spec.perturbations)
+
 
 class SAMSVAEMeanFieldGuide(_MaskMixin, _ShiftGuideBase):
     """Mean-field SAMS-VAE guide: ``q(M) q(E) prod_i q(z_basal_i | x_i)``.
@@ -224,6 +229,11 @@ class CPAVAEGuide(_ShiftGuideBase):
     @torch.no_grad()
     def effect_mean(self) -> torch.Tensor:
         return self.E_loc.detach().clone()
+
+    def target_scores(self):
+        """For :mod:`pyro_perturb.evaluate.recovery`: ``|E|`` per perturbation (rows
+        ``spec.perturbations``), ranked top-k (CPA-VAE has no mask)."""
+        return self.E_loc.detach().abs(), False, list(self.spec.perturbations)
 
     @torch.no_grad()
     def posterior_latents(self, batch: Batch) -> dict[str, torch.Tensor]:
