@@ -5,7 +5,7 @@ data (the :class:`~pyro_perturb.data.DataSpec`, hyperparameters, training settin
 is saved as a run directory::
 
     RUN_DIR/config.json     model name, hyperparameters, training settings, vocabularies
-    RUN_DIR/model.pt        best weights {"model": state_dict, "guide": state_dict}
+    RUN_DIR/model.pt        best weights {"model": state_dict, "guide": state_dict, "sha256": digest}
     RUN_DIR/checkpoint.pt   full training state after the last epoch (resume)
     RUN_DIR/history.csv     loss per epoch (train, validation)
 

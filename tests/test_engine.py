@@ -131,7 +131,7 @@ def test_run_directory_round_trip(tiny_data, tmp_path):
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["model"] == "cvae" and cfg["spec"]["genes"] == tiny_data.spec.genes
     weights = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
-    assert set(weights) == {"model", "guide"}
+    assert set(weights) == {"model", "guide", "sha256"}  # plain tensors plus a content digest
     assert (tmp_path / "run" / "history.csv").read_text().startswith("epoch,train_loss,val_loss")
     loaded = pp.load_run(tmp_path / "run")
     a, b = params(run), params(loaded)
@@ -190,3 +190,29 @@ def test_latents_of_chosen_cells_keep_their_order(tiny_data):
     everything = run.latents(tiny_data)["X_latent"]
     chosen = np.array([40, 3, 17, 3])
     np.testing.assert_allclose(run.latents(tiny_data, batch_size=3, indices=chosen)["X_latent"], everything[chosen], rtol=1e-5)
+
+
+def test_flipped_byte_inside_a_checkpoint_is_caught(tiny_data, tmp_path):
+    """torch.load alone would return the corrupted tensor silently; the digest catches it."""
+    pp.fit(tiny_data, model="cvae", out=tmp_path / "run", max_epochs=2, **SMALL)
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    raw = bytearray(ckpt.read_bytes())
+    intact = torch.load(ckpt, weights_only=True)
+    # flip one byte of the largest tensor's storage (its bytes sit verbatim in the zip)
+    name, tensor = max(intact["model"].items(), key=lambda kv: kv[1].numel())
+    needle = tensor.reshape(-1)[: tensor.numel() // 2 + 4].numpy().tobytes()[-16:]
+    at = bytes(raw).find(needle)
+    assert at > 0, "tensor bytes not found verbatim in the checkpoint"
+    raw[at + 3] ^= 0xFF
+    ckpt.write_bytes(bytes(raw))
+    loaded = torch.load(ckpt, weights_only=True)  # torch does not notice
+    assert not torch.equal(loaded["model"][name], tensor)
+    with pytest.raises(ValueError, match="corrupted"):
+        safe_load(ckpt)
+    with pytest.warns(UserWarning, match="resuming from"):
+        state = load_checkpoint(tmp_path / "run")
+    assert state["epoch"] == 1
+    # a run directory's model.pt is checked the same way
+    weights = tmp_path / "run" / "model.pt"
+    assert "sha256" in torch.load(weights, weights_only=True)
+    assert set(pp.load_run(tmp_path / "run").model.state_dict()) == set(intact["model"])
