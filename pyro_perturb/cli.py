@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -80,7 +81,16 @@ def cmd_fit(args) -> int:
     if args.covariate_keys is not None:
         settings["covariate_keys"] = [k for k in args.covariate_keys.split(",") if k]
     settings.setdefault("progress", sys.stderr.isatty() and not args.quiet)
-    run = fit(args.data, model=args.model, out=args.out, resume=args.resume, **settings)
+    if args.backed and not args.data:
+        raise UsageError("--backed needs --data FILE.h5ad")
+    from .infer import distributed
+
+    try:
+        run = fit(args.data, model=args.model, out=args.out, resume=args.resume, backed=args.backed or None, **settings)
+    finally:
+        distributed.shutdown()  # under torchrun; a no-op in one process
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun, only rank 0 reports
     last = run.history[-1] if run.history else {}
     print(
         f"trained {args.model} for {len(run.history)} epochs; final train loss "
@@ -112,6 +122,7 @@ def cmd_evaluate(args) -> int:
     results = run.evaluate(
         _data_for(run, args.data), num_particles=args.num_particles, out_dir=out.parent, seed=args.seed,
         ate_particles=args.ate_particles, ate_plots=not args.no_plots, ate_ppc=not args.no_plots,
+        ate_memory_mb=args.ate_memory_mb,
     )
     write_metrics(results, out)
     summary = {s: results[s].get("iwelbo") for s in ("train", "val", "test") if s in results}
@@ -198,6 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    p.add_argument(
+        "--backed", action="store_true",
+        help="read --data from disk minibatch by minibatch, never loading the counts whole (out-of-core); "
+        "add --set shuffle_block_size=64 for faster reads",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="model or training setting (repeatable)")
     p.set_defaults(func=cmd_fit)
@@ -208,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="metrics.json path; other outputs go beside it")
     p.add_argument("--num-particles", type=int, default=100, help="IWELBO importance samples")
     p.add_argument("--ate-particles", type=int, default=2500, help="posterior predictive particles of the model ATE")
+    p.add_argument("--ate-memory-mb", type=float, help="working-memory budget (MB) of the model ATE: it uses the "
+                   "largest treatment batch that fits (default 1024)")
     p.add_argument("--no-plots", action="store_true", help="skip the PPC export and PNG plots")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

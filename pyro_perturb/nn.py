@@ -40,6 +40,35 @@ class MLP(nn.Sequential):
         layers.append(nn.Linear(dims[-1], out_dim))
         super().__init__(*layers)
 
+    def forward_parts(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``self(cat(parts, -1))`` without building the concatenation.
+
+        The first ``Linear`` is applied to each part with its block of weight columns and
+        the results are added (same math, float rounding aside), so a part without the
+        particle dimensions of another (a cell's expression ``(B, G)`` next to a
+        per-particle offset ``(P, B, L)``) is multiplied once, not once per particle.
+
+        Args:
+            parts: tensors whose last sizes add up to ``in_dim`` and whose leading
+                dimensions broadcast, in the order of the concatenation.
+        Returns:
+            ``(*broadcast leading dims, out_dim)``.
+        """
+        first = self[0]
+        widths = [p.shape[-1] for p in parts]
+        if sum(widths) != first.in_features:
+            raise ValueError(f"parts of widths {widths} do not add up to the MLP's input size {first.in_features}")
+        hidden, start = None, 0
+        for part, width in zip(parts, widths):
+            block = first.weight[:, start : start + width]
+            # the bias goes with the first part: the cell-level one when it comes first
+            term = F.linear(part, block, first.bias if hidden is None else None)
+            hidden = term if hidden is None else hidden + term
+            start += width
+        for layer in list(self)[1:]:
+            hidden = layer(hidden)
+        return hidden
+
 
 class GaussianEncoder(nn.Module):
     """``input -> (loc, scale)`` of a diagonal Normal over ``out_dim`` latents."""
@@ -49,7 +78,15 @@ class GaussianEncoder(nn.Module):
         self.net = MLP(in_dim, hidden, 2 * out_dim, **mlp_kwargs)
 
     def forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        loc, raw_scale = self.net(inputs).chunk(2, dim=-1)
+        return self._loc_scale(self.net(inputs))
+
+    def forward_parts(self, parts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``self(cat(parts, -1))`` computed by :meth:`MLP.forward_parts`."""
+        return self._loc_scale(self.net.forward_parts(parts))
+
+    @staticmethod
+    def _loc_scale(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loc, raw_scale = out.chunk(2, dim=-1)
         # softplus keeps the scale positive; the floor keeps log q finite early in training
         return loc, F.softplus(raw_scale) + 1e-4
 

@@ -27,6 +27,7 @@ import torch
 
 from . import __version__
 from .data import DataSpec, PerturbationData
+from .infer import distributed
 from .infer.checkpoint import atomic_json, atomic_torch_save, safe_load
 from .infer.engine import TrainConfig, resolve_device, train, write_history
 from .infer.iwelbo import iwelbo as _iwelbo
@@ -161,15 +162,18 @@ class Run:
 
         return evaluate_run(self, self.encode(data), num_particles=num_particles, out_dir=out_dir, seed=seed, options=options)
 
-    def ate(self, labels, num_particles: int = 2500, seed: int = 0) -> pd.DataFrame:
+    def ate(self, labels, num_particles: int = 2500, seed: int = 0, memory_mb: float | None = None) -> pd.DataFrame:
         """Model ATE of perturbation labels (``"A"``, ``"A+B"``...; labels x genes) by
         posterior predictive (:func:`pyro_perturb.evaluate.ate.model_ate`), on the run's
-        device. Combinations of known singles work for models that compose."""
+        device. Combinations of known singles work for models that compose.
+        ``memory_mb``: working-memory budget (MB; default 1024); the largest treatment
+        batch that fits is used, and the result does not depend on it."""
         from .data.anndata import canonical_label
         from .evaluate.ate import model_ate
 
         labels = [canonical_label(lab, self.spec.control, self.spec.separator) for lab in ([labels] if isinstance(labels, str) else labels)]
-        return model_ate(self.model, self.guide, self.spec, labels, num_particles=num_particles, seed=seed, device=self.device)
+        return model_ate(self.model, self.guide, self.spec, labels, num_particles=num_particles, seed=seed,
+                         device=self.device, memory_mb=memory_mb)
 
     # ------------------------------------------------------------------ persistence
     def config(self) -> dict:
@@ -261,6 +265,7 @@ def fit(
     resume: bool = False,
     callback=None,
     data_seed: int | None = None,
+    backed: bool | None = None,
     **settings: Any,
 ) -> Run:
     """Train a registered model; return its :class:`Run` (saved to ``out`` when given).
@@ -273,6 +278,14 @@ def fit(
         resume: continue the interrupted run in ``out`` (its saved settings are used;
             ``max_epochs`` may be raised).
         callback: ``callback(epoch, history_row)`` after every epoch.
+        backed: open an ``.h5ad`` path read-only on disk (``backed="r"``): counts are
+            read minibatch by minibatch and never loaded whole (out-of-core training;
+            see ``shuffle_block_size`` for faster reads). Default: as the resumed run,
+            else in memory.
+
+    Launched by ``torchrun`` (``WORLD_SIZE`` > 1), it starts the process group and
+    trains data-parallel (:mod:`pyro_perturb.infer.distributed`); only rank 0 writes
+    ``out``.
         **settings: data options (``perturbation_key``, ``control``, ``covariate_keys``,
             ``layer``, ``split_key``, ``combination_separator``, ``dose_key``), model
             hyperparameters (e.g. ``n_latent``) and training settings
@@ -299,6 +312,7 @@ def fit(
     source = data_options.pop("source", None)
     if data is None and resume and source and source.get("path"):
         data = source["path"]
+        backed = source.get("backed", False) if backed is None else backed
     if data is None:
         builtin = (source or {}).get("builtin", getattr(entry, "default_data", "combinatorial"))
         seed = data_seed if data_seed is not None else (source or {}).get("seed", train_cfg.seed)
@@ -306,8 +320,8 @@ def fit(
         data_options = {**builtin_opts, **data_options}
         source = {"builtin": builtin, "seed": seed}
     elif isinstance(data, (str, os.PathLike)):
-        source = {"path": str(Path(data).resolve())}
-        adata = read_data(data)
+        source = {"path": str(Path(data).resolve()), "backed": bool(backed)}
+        adata = read_data(data, backed=bool(backed))
     else:
         adata = data
         source = source or {}
@@ -323,13 +337,15 @@ def fit(
     pyro.set_rng_seed(train_cfg.seed)
     model_obj, guide_obj, full_hparams = build(model, pdata.spec, hparams, gene_stats=pdata.gene_stats("train"))
     run = Run(model, model_obj, guide_obj, pdata.spec, full_hparams, train_cfg, data_options, path=out)
+    ctx = distributed.init_from_env(train_cfg.device)  # single process unless torchrun set WORLD_SIZE
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
         if not resume and (out / "checkpoint.pt").exists():
             raise ValueError(f"{out} already holds a run; pass resume=True (--resume) or choose another directory")
-        atomic_json(run.config(), out / "config.json")
+        if ctx.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_json(run.config(), out / "config.json")
     run.history = train(model_obj, guide_obj, pdata, train_cfg, run_dir=out, resume=resume, callback=callback)
-    if out is not None:
+    if out is not None and ctx.is_main:
         run.save(out)
     run.data = pdata
     return run

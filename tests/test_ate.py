@@ -172,3 +172,91 @@ def test_evaluate_writes_ate_outputs(tmp_path, combo_adata):
     idata = az.from_netcdf(str(tmp_path / "ppc.nc"), engine="h5netcdf")
     assert set(idata.groups()) >= {"posterior_predictive", "observed_data"}
     assert idata.posterior_predictive["zero_fraction"].shape[:2] == (1, 4)
+
+
+# ----------------------------------------------------------------------------- batching, memory
+from pyro_perturb.evaluate.ate import (  # noqa: E402
+    _guide_hidden,
+    _row_seed,
+    _RowStream,
+    _widest_layer,
+    ate_batch_for_memory,
+    ate_working_memory,
+)
+
+
+def test_ate_is_bit_identical_whatever_the_batching(combo_data):
+    """Each label draws from its own (seed, particle block, label) stream and the globals
+    from (seed, block): treatment batch, memory budget, threads and the other labels asked
+    change nothing."""
+    model, guide = _pair("sams_vae", combo_data)
+    spec = combo_data.spec
+    labs = ["p000", "p001+p002", "p003", "control"]
+    ref = model_ate(model, guide, spec, labs, num_particles=150, seed=5, particle_batch=40)
+    one = model_ate(model, guide, spec, labs, num_particles=150, seed=5, particle_batch=40, treatment_batch=1, num_threads=1)
+    sizes = dict(hidden=_widest_layer(model, exclude=spec.n_genes), guide_hidden=_guide_hidden(guide))
+    budget = ate_working_memory(2, 40, spec.n_genes, 6, spec.n_perturbations, 2, **sizes) / 2**20
+    assert ate_batch_for_memory(budget, 4, 40, spec.n_genes, 6, spec.n_perturbations, 2, **sizes) == (2, 40)
+    small = model_ate(model, guide, spec, labs, num_particles=150, seed=5, particle_batch=40, memory_mb=budget, num_threads=2)
+    subset = model_ate(model, guide, spec, ["p003", "p000"], num_particles=150, seed=5, particle_batch=40)
+    pd.testing.assert_frame_equal(ref, one)
+    pd.testing.assert_frame_equal(ref, small)
+    pd.testing.assert_frame_equal(ref.loc[["p003", "p000"]], subset)
+    assert (ref.loc["control"] == 0).all()  # the control against its own draws
+    assert np.abs(ref.loc["p000"]).mean() > 0
+    other_seed = model_ate(model, guide, spec, ["p000"], num_particles=150, seed=6, particle_batch=40)
+    assert not np.array_equal(other_seed.to_numpy(), ref.loc[["p000"]].to_numpy())
+
+
+def test_row_streams_match_pyro_sampling_in_distribution(combo_data):
+    """The per-row streams (sampler="rows") and Pyro's own sampling estimate the same ATE."""
+    model, guide = _pair("sams_vae", combo_data)
+    labs = ["p000", "p001+p002"]
+    rows = model_ate(model, guide, combo_data.spec, labs, num_particles=3000, seed=0, particle_batch=500)
+    pyro_ = model_ate(model, guide, combo_data.spec, labs, num_particles=3000, seed=1, particle_batch=500, sampler="pyro")
+    assert np.corrcoef(rows.to_numpy().ravel(), pyro_.to_numpy().ravel())[0, 1] > 0.9
+    assert np.abs(rows.to_numpy() - pyro_.to_numpy()).mean() < 0.05
+
+
+def test_row_stream_negative_binomial_is_torchs_nb():
+    """Moments of the row sampler's NB against NB(theta, mean) and seeded repeatability."""
+    theta = torch.tensor([0.5, 3.0, 20.0]).expand(60000, 3)
+    mean = torch.tensor([0.3, 8.0, 150.0]).expand(60000, 3)
+    logits = (mean / theta).log()
+    x = _RowStream(_row_seed(0, 0, "A"), torch.device("cpu")).negative_binomial(theta, logits)
+    again = _RowStream(_row_seed(0, 0, "A"), torch.device("cpu")).negative_binomial(theta, logits)
+    assert torch.equal(x, again)
+    m, v = x.double().mean(0), x.double().var(0)
+    true_var = mean[0] + mean[0] ** 2 / theta[0]
+    np.testing.assert_allclose(m.numpy(), mean[0].numpy(), rtol=0.03)
+    np.testing.assert_allclose(v.numpy(), true_var.numpy(), rtol=0.1)
+
+
+def test_treatment_batch_from_memory_budget():
+    args = dict(n_rows=701, particles=100, n_genes=1187, n_latent=100, n_treatments=700, n_threads=2)
+    budgets = [240, 300, 400, 512, 1024, 4096, 1e6]
+    batches = [ate_batch_for_memory(mb, **args) for mb in budgets]
+    particles = [p for _, p in batches]
+    full_rows = [r for r, p in batches if p == 100]
+    # more budget: never fewer particles per block; at the full block, never fewer rows
+    assert particles == sorted(particles) and full_rows == sorted(full_rows) and len(full_rows) >= 3
+    assert batches[-1] == (701, 100) and all(r >= 1 for r, _ in batches)
+    for mb, (r, p) in zip(budgets, batches):
+        assert ate_working_memory(r, p, 1187, 100, 700, 2) <= mb * 2**20
+        if r < 701:  # the largest that fits: one more row would not
+            assert ate_working_memory(r + 1, p, 1187, 100, 700, 2) > mb * 2**20
+    # below one row of 100 particles the particles per step shrink
+    r, p = ate_batch_for_memory(240, **args)
+    assert r >= 1 and 1 <= p < 100 and ate_working_memory(r, p, 1187, 100, 700, 2) <= 240 * 2**20
+    with pytest.raises(ValueError, match="at least"):
+        ate_batch_for_memory(100, **args)  # below the fixed part
+
+
+def test_model_ate_rejects_bad_options(combo_data):
+    model, guide = _pair("cpa_vae", combo_data)
+    with pytest.raises(ValueError, match="memory budget"):
+        model_ate(model, guide, combo_data.spec, ["p000"], num_particles=10, memory_mb=1e-6)
+    with pytest.raises(ValueError, match="sampler"):
+        model_ate(model, guide, combo_data.spec, ["p000"], num_particles=10, sampler="numpy")
+    with pytest.raises(ValueError, match="particle_batch"):
+        model_ate(model, guide, combo_data.spec, ["p000"], num_particles=10, particle_batch=0)

@@ -50,9 +50,10 @@ def test_fit_evaluate_predict(tiny_file, tmp_path, capsys):
     assert {"config.json", "model.pt", "history.csv", "checkpoint.pt"} <= {p.name for p in run_dir.iterdir()}
     metrics_path = tmp_path / "eval" / "metrics.json"
     assert main(["evaluate", str(run_dir), "--data", str(tiny_file), "--out", str(metrics_path), "--num-particles", "5",
-                 "--ate-particles", "20", "--no-plots"]) == 0
+                 "--ate-particles", "20", "--ate-memory-mb", "512", "--no-plots"]) == 0
     metrics = json.loads(metrics_path.read_text())
     assert metrics["ate"]["num_particles"] == 20 and "ate_pearson" in metrics["ate"]["all"]
+    assert metrics["ate"]["memory_mb"] == 512
     assert (metrics_path.parent / "ate_model.csv").exists()
     assert not list(metrics_path.parent.glob("*.png")) and not (metrics_path.parent / "ppc.nc").exists()
     for split in ("train", "val", "test"):

@@ -19,7 +19,7 @@ from pyro_perturb.evaluate.groups import (
     predict_lognorm,
 )
 from pyro_perturb.evaluate.metrics import linear_r2
-from pyro_perturb.models.fcr import within_group_permutation
+from pyro_perturb.models.fcr import product_of_experts, within_group_permutation
 from pyro_perturb.registry import build, get_entry
 
 from .devices import assert_device_clean, run_device_clean
@@ -69,7 +69,7 @@ def test_each_term_nonzero_and_trains_its_parameters(fact_data):
     assert torch.isfinite(elbo) and float(elbo) != 0.0
     groups = {
         "decoder": list(model.decoder.parameters()),
-        "priors": list(model.prior_x.parameters()) + list(model.prior_tx.parameters()) + list(model.mix.parameters()),
+        "priors": list(model.prior_x.parameters()) + list(model.interaction_heads.parameters()),
         "encoders": list(guide.parameters()),
     }
     for name, params in groups.items():
@@ -245,4 +245,43 @@ def test_controls_carry_no_interaction(fact_data):
     loc, scale = model.prior_params(batch)["z_tx"]
     torch.testing.assert_close(loc, loc[:1].expand_as(loc))
     loss = loc.sum() + scale.sum()
-    assert sum(_grads(loss, list(model.cov_embed_tx.parameters()))) == 0
+    embeddings = [p for head in model.interaction_heads for p in head.embed.parameters()]
+    assert sum(_grads(loss, embeddings)) == 0
+
+
+def test_product_of_experts_identity():
+    """mean_k log N_k(z) = log N(z; PoE) + log Z for any z, log Z <= 0, and identical experts
+    give that expert back with log Z = 0."""
+    torch.manual_seed(0)
+    locs, scales = torch.randn(4, 5, 3), torch.rand(4, 5, 3) + 0.2
+    loc, scale, log_z = product_of_experts(locs, scales)
+    z = torch.randn(7, 5, 3)
+    lhs = torch.distributions.Normal(locs.unsqueeze(1), scales.unsqueeze(1)).log_prob(z.unsqueeze(0)).mean(0).sum(-1)
+    rhs = torch.distributions.Normal(loc, scale).log_prob(z).sum(-1) + log_z
+    torch.testing.assert_close(lhs, rhs)
+    assert bool((log_z <= 1e-6).all())
+    same_loc, same_scale, same_log_z = product_of_experts(locs[:1].expand(3, -1, -1), scales[:1].expand(3, -1, -1))
+    torch.testing.assert_close(same_loc, locs[0])
+    torch.testing.assert_close(same_scale, scales[0])
+    torch.testing.assert_close(same_log_z, torch.zeros(5), atol=1e-5, rtol=0)
+
+
+def test_interaction_heads_form_the_prior(fact_data):
+    """With K heads, z_tx's prior is their product of experts, every head gets a gradient from
+    the ELBO, and the agreement term is in the model trace; K < 1 is refused."""
+    model, guide = _pair(fact_data, n_interaction_heads=3)
+    batch = _batch(fact_data)
+    loc, scale = model.prior_params(batch)["z_tx"]
+    e_x = model.cov_embed_x(batch.c, batch.d)
+    heads = [head(batch.c, batch.d, e_x) for head in model.interaction_heads]
+    want_loc, want_scale, _ = product_of_experts(torch.stack([h[0] for h in heads]), torch.stack([h[1] for h in heads]))
+    torch.testing.assert_close(loc, want_loc)
+    torch.testing.assert_close(scale, want_scale)
+    pyro.set_rng_seed(0)
+    elbo = Trace_ELBO().differentiable_loss(model, guide, batch)
+    for k, head in enumerate(model.interaction_heads):
+        assert sum(_grads(elbo, list(head.prior.parameters()))) > 0, f"head {k} gets no gradient"
+    trace = pyro.poutine.trace(model).get_trace(batch)
+    assert "z_tx_heads" in trace.nodes
+    with pytest.raises(ValueError, match="n_interaction_heads"):
+        _pair(fact_data, n_interaction_heads=0)

@@ -56,3 +56,47 @@ def test_sigkill_mid_training_then_resume_matches_uninterrupted(tmp_path):
         for key in b[part]:
             assert torch.equal(a[part][key], b[part][key]), (part, key)
     assert [r["train_loss"] for r in a["history"]] == [r["train_loss"] for r in b["history"]]
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+def test_sigkill_mid_epoch_backed_then_resume_matches_uninterrupted(tmp_path):
+    """One long epoch read backed from disk, checkpointed every few steps: a SIGKILL
+    inside the epoch loses at most those steps, and the resumed run ends as an
+    uninterrupted one."""
+    data = tmp_path / "d.h5ad"
+    simulate.combinatorial(
+        seed=3, n_singles=4, n_doubles=2, cells_per_perturbation=150, n_control_cells=300, n_genes=30, n_ate_draws=20
+    ).write_h5ad(data)
+    args = ["fit", "--model", "cvae", "--data", str(data), "--backed", "--max-epochs", "1", "--batch-size", "4",
+            "--seed", "4", "--n-latent", "3", "--set", "n_hidden=16", "--set", "checkpoint_every_steps=20",
+            "--set", "shuffle_block_size=16", "--device", "cpu", "--quiet"]
+    killed = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "pyro_perturb.cli", *args, "--out", str(killed)], env=env)
+    deadline = time.time() + 120
+    while not (killed / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    time.sleep(0.1)
+    if proc.poll() is not None:
+        pytest.fail("training finished before it could be killed; make the epoch longer")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    ckpt = torch.load(killed / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 0 and ckpt["step"] > 0 and ckpt["step"] % 20 == 0  # inside the only epoch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["fit", "--model", "cvae", "--out", str(killed), "--resume", "--quiet"]) == 0
+        full = tmp_path / "full"
+        assert main([*args, "--out", str(full)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    a = torch.load(killed / "checkpoint.pt", weights_only=True)
+    b = torch.load(full / "checkpoint.pt", weights_only=True)
+    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (1, 0)
+    for part in ("model", "guide"):
+        for key in b[part]:
+            assert torch.equal(a[part][key], b[part][key]), (part, key)
+    assert [r["train_loss"] for r in a["history"]] == pytest.approx([r["train_loss"] for r in b["history"]], rel=1e-12)
+    assert [r["val_loss"] for r in a["history"]] == [r["val_loss"] for r in b["history"]]

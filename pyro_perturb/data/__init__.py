@@ -1,6 +1,6 @@
 """Data layer: AnnData -> tensors, minibatches, splits and simulators with ground truth."""
 
-from .anndata import DataSpec, PerturbationData, canonical_label, split_label
+from .anndata import DataSpec, PerturbationData, canonical_label, epoch_order, split_label
 from .batch import Batch
 from . import simulate, splits
 
@@ -9,6 +9,7 @@ __all__ = [
     "DataSpec",
     "PerturbationData",
     "canonical_label",
+    "epoch_order",
     "split_label",
     "simulate",
     "splits",

@@ -4,7 +4,8 @@
 zoo consumes (see :class:`~pyro_perturb.data.batch.Batch`):
 
 * ``counts``: the raw count matrix, ``adata.X`` or ``adata.layers[layer]``, kept as it is
-  (dense, CSR or backed on disk) and read batch by batch, never densified whole;
+  (dense, CSR or backed on disk; a backed CSR matrix is read by row slices with h5py, see
+  :class:`BackedCSRRows`) and read batch by batch, never densified or loaded whole;
 * ``dosage``: a sparse ``(n_cells, n_perturbations)`` matrix over the vocabulary of
   *single* perturbations: 0 for control cells, one-hot for a single perturbation,
   multi-hot for a combination ``A+B``, optionally scaled by a dose column;
@@ -268,7 +269,13 @@ class PerturbationData:
                 f"(first at cell {adata.obs_names[np.argmax(missing)]!r}); label every "
                 f"cell, controls with {control!r}"
             )
-        raw = raw.astype(str).str.strip().to_numpy()
+        if isinstance(raw.dtype, pd.CategoricalDtype):
+            # millions of cells: strip the few categories, not one string per cell (the
+            # per-cell array then holds references to the shared category strings)
+            categories = np.asarray(raw.cat.categories.astype(str).str.strip(), dtype=object)
+            raw = categories[raw.cat.codes.to_numpy()]
+        else:
+            raw = raw.astype(str).str.strip().to_numpy()
         empty = raw == ""
         if empty.any():
             raise ValueError(
@@ -377,6 +384,7 @@ class PerturbationData:
                 "the data's genes differ from the model's (extra genes or another order); "
                 "subset and order them as the model's: adata[:, genes]"
             )
+        counts = _row_source(counts)
         library, gene_totals = _scan_counts(counts, n_cells, n_genes, genes)
         if require_expressed_genes and (gene_totals == 0).any():
             zero = [genes[g] for g in np.flatnonzero(gene_totals == 0)]
@@ -487,23 +495,46 @@ class PerturbationData:
         seed: int = 0,
         device: torch.device | str = "cpu",
         indices: np.ndarray | None = None,
+        block_size: int | None = None,
+        buffer_blocks: int = 16,
+        shard: tuple[int, int] | None = None,
+        start_step: int = 0,
     ) -> Iterator[Batch]:
         """Minibatches covering a split once.
 
         ``shuffle=True`` (training) visits the cells in a random order drawn from
-        ``seed``; ``shuffle=False`` (evaluation) visits every cell once in order. The
-        plate size of every batch is the number of cells in the split.
+        ``seed`` (see :func:`epoch_order`; ``block_size`` switches to block-shuffling,
+        faster to read from disk); ``shuffle=False`` (evaluation) visits every cell once
+        in order. The plate size of every batch is the number of cells in the split.
+
+        ``shard=(rank, world_size)`` (data-parallel training) keeps rank ``rank``'s
+        share of every batch of ``batch_size`` cells: ``batch_size // world_size``
+        contiguous cells of it, so the ranks' batches are disjoint and together form the
+        single-process batch; the last batch is cut to a multiple of ``world_size``
+        (at most ``world_size - 1`` cells of the epoch are dropped). ``start_step``
+        skips the first batches without reading them (resuming mid-epoch).
         """
         idx = self.indices(split) if indices is None else np.asarray(indices)
         if len(idx) == 0:
             return
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        positions = np.arange(len(idx))
-        if shuffle:
-            positions = np.random.default_rng(seed).permutation(len(idx))
-        for start in range(0, len(idx), batch_size):
+        if shard is not None:
+            rank, world = shard
+            if not 0 <= rank < world:
+                raise ValueError(f"shard must be (rank, world_size) with 0 <= rank < world_size, got {shard}")
+            if batch_size % world:
+                raise ValueError(
+                    f"batch_size {batch_size} is not a multiple of the number of processes {world}"
+                )
+        positions = epoch_order(len(idx), seed, block_size, buffer_blocks) if shuffle else np.arange(len(idx))
+        for start in range(start_step * batch_size, len(idx), batch_size):
             pos = positions[start : start + batch_size]
+            if shard is not None:
+                per_rank = len(pos) // world
+                if per_rank == 0:
+                    continue
+                pos = pos[rank * per_rank : (rank + 1) * per_rank]
             yield self.batch(idx[pos], n_cells=len(idx), positions=pos, device=device)
 
     def gene_stats(self, split: str | None = "train") -> tuple[np.ndarray, np.ndarray]:
@@ -575,17 +606,103 @@ def _read_doses(obs, dose_key, separator, lens, raw, total) -> np.ndarray:
     return np.asarray(out, dtype=np.float32)
 
 
+def epoch_order(n: int, seed: int, block_size: int | None = None, buffer_blocks: int = 16) -> np.ndarray:
+    """A random order ``(n,)`` of the positions ``0..n-1`` for one training epoch.
+
+    ``block_size=None``: a uniform random permutation. Otherwise *block-shuffling*, for
+    data read from disk: the positions are cut into blocks of ``block_size``
+    consecutive cells, the blocks are put in random order, and the cells are shuffled
+    within windows of ``buffer_blocks`` consecutive blocks of that order. Every cell is
+    still visited once per epoch, but a minibatch holds cells of at most about
+    ``buffer_blocks + 1`` blocks, which backed reads fetch as a few contiguous slices
+    instead of one read per cell. The price: cells of a block (neighbours in the file)
+    tend to share minibatches, so the gradient noise is larger when the file is sorted
+    (e.g. by perturbation); use a window of many batches or shuffle the file once.
+    """
+    rng = np.random.default_rng(seed)
+    if not block_size:
+        return rng.permutation(n)
+    if block_size < 1 or buffer_blocks < 1:
+        raise ValueError(f"block_size and buffer_blocks must be >= 1, got {block_size} and {buffer_blocks}")
+    starts = rng.permutation(np.arange(0, n, block_size))
+    order = (starts[:, None] + np.arange(block_size)[None, :]).ravel()
+    order = order[order < n]
+    # windows end after every buffer_blocks-th block (the last block may be short)
+    ends = np.cumsum(np.minimum(block_size, n - starts))
+    bounds = np.concatenate([[0], ends[buffer_blocks - 1 :: buffer_blocks], [n]])
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        rng.shuffle(order[lo:hi])  # in place, on a view
+    return order
+
+
+# rows of backed data within this distance of each other are read as one slice (one
+# HDF5 read costs about as much as reading a few dozen rows more)
+_MAX_ROW_GAP = 16
+
+
+class BackedCSRRows:
+    """Rows of a CSR matrix stored in an HDF5 group (anndata's backed ``X`` or layer),
+    read with h5py: ``rows[lo:hi]`` is one contiguous read of ``data`` and ``indices``.
+
+    anndata's own backed indexing re-reads the whole ``indptr`` on each access (slow for
+    millions of cells); here ``indptr`` (8 bytes a cell) is read once and kept.
+    """
+
+    def __init__(self, group) -> None:
+        self.group = group
+        self.data = group["data"]
+        self.indices = group["indices"]
+        self.indptr = np.asarray(group["indptr"][:], dtype=np.int64)
+        self.shape = tuple(int(v) for v in group.attrs["shape"])
+
+    def __getitem__(self, rows: slice) -> sp.csr_matrix:
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            raise TypeError("BackedCSRRows reads contiguous row slices only")
+        lo, hi, _ = rows.indices(self.shape[0])
+        hi = max(hi, lo)
+        first, last = int(self.indptr[lo]), int(self.indptr[hi])
+        return sp.csr_matrix(
+            (self.data[first:last], self.indices[first:last], self.indptr[lo : hi + 1] - first),
+            shape=(hi - lo, self.shape[1]),
+        )
+
+
+def _row_source(counts):
+    """What rows are read from: anndata's backed CSR matrices through :class:`BackedCSRRows`."""
+    group = getattr(counts, "group", None)
+    if group is not None and getattr(counts, "format", None) == "csr" and {"data", "indices", "indptr"} <= set(group):
+        return BackedCSRRows(group)
+    return counts
+
+
 def _read_rows(counts, idx: np.ndarray) -> np.ndarray:
     """Dense float32 rows of a dense, sparse or backed matrix; ``idx`` sorted."""
-    if isinstance(counts, np.ndarray):
+    if isinstance(counts, np.ndarray) or sp.issparse(counts):
         rows = counts[idx]
+    elif not isinstance(counts, BackedCSRRows) and len(idx) and 2 * len(idx) > idx[-1] - idx[0] + 1:
+        rows = counts[int(idx[0]) : int(idx[-1]) + 1][idx - idx[0]]  # dense enough: one slice
+    elif not isinstance(counts, BackedCSRRows):
+        rows = counts[idx]  # other backed kinds: their own indexing
     else:
-        rows = counts[idx]
-        if sp.issparse(rows):
-            rows = rows.toarray()
-        elif hasattr(rows, "to_memory"):  # anndata backed sparse
-            rows = rows.to_memory().toarray()
-    return np.ascontiguousarray(np.asarray(rows, dtype=np.float32))
+        # backed CSR on disk: read runs of nearby rows as contiguous slices (a block-
+        # shuffled batch is a few runs; a uniformly shuffled one, one read per cell)
+        idx = np.asarray(idx)
+        if len(idx) == 0:
+            return np.zeros((0, counts.shape[1]), dtype=np.float32)
+        breaks = np.flatnonzero(np.diff(idx) > _MAX_ROW_GAP) + 1
+        rows = sp.vstack(
+            [counts[int(run[0]) : int(run[-1]) + 1][run - run[0]] for run in np.split(idx, breaks)], format="csr"
+        )
+    return np.ascontiguousarray(_dense(rows))
+
+
+def _dense(rows) -> np.ndarray:
+    """float32 ndarray of a block of rows read from any kind of counts matrix."""
+    if hasattr(rows, "to_memory"):  # anndata backed sparse
+        rows = rows.to_memory()
+    if sp.issparse(rows):
+        rows = rows.toarray()
+    return np.asarray(rows, dtype=np.float32)
 
 
 def _scan_counts(counts, n_cells: int, n_genes: int, genes: list[str]):

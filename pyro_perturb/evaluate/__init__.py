@@ -46,7 +46,8 @@ def evaluate_run(
     """Held-out IWELBO per split and every registered metric; JSON-ready dict.
 
     ``options`` go to the registered evaluators: ``ate_particles`` (model ATE particles,
-    default 2,500), ``ate_ppc`` / ``ate_plots`` (bools), ``ppc_draws``, ``ate_data_cells``.
+    default 2,500), ``ate_ppc`` / ``ate_plots`` (bools), ``ppc_draws``, ``ate_data_cells``,
+    ``ate_memory_mb`` (the model ATE's working-memory budget).
     """
     results: dict = {}
     for split in splits:

@@ -10,8 +10,11 @@ Definitions (MODELS.md section 4):
   dosage is set with :func:`pyro.poutine.do` to the treatment's (and to 0 for the
   control), the library is fixed at 1e4, counts are sampled, normalised the same way and
   averaged over particles (:func:`model_ate`). It runs as ``pyro.infer.Predictive``
-  (vectorised over particles) on the model's device, in chunks of treatments and
-  particles so that memory stays bounded, and is seeded.
+  (vectorised over particles) on the model's device, in blocks of particles (globals drawn
+  once per block, shared by every treatment and the control) and batches of treatments
+  sized to a working-memory budget (:func:`ate_batch_for_memory`). It is seeded, and each
+  treatment draws its counts from its own stream, so its ATE does not depend on the
+  batching or on the other treatments asked (bench/ate_benchmark.py measures it).
 
 Combinations are first-class: the ATE of ``"A+B"`` is available whenever A and B are in
 the vocabulary, because the dosage of ``"A+B"`` is ``d_A + d_B``. A model that cannot
@@ -26,7 +29,8 @@ default, so that "model ATE tracks data ATE" is measured on cells the model neve
 
 from __future__ import annotations
 
-import math
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -37,6 +41,9 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.infer import Predictive
+from pyro.infer.predictive import _predictive_vectorize_plate_name as _PARTICLE_PLATE
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.runtime import _PYRO_STACK
 
 from ..data import Batch, PerturbationData
 from ..data.anndata import canonical_label
@@ -51,14 +58,14 @@ __all__ = [
     "representable_labels",
     "ate_results",
     "ate_evaluator",
+    "ate_working_memory",
+    "ate_batch_for_memory",
 ]
 
 #: library size at which model counts are drawn, and to which every cell is normalised
 LIBRARY = 1e4
 #: the paper's particle count for the model ATE
 DEFAULT_PARTICLES = 2500
-#: upper bound on particles x cells x genes entries held at once
-_BUDGET = 8_000_000
 ATE_SPLITS = ("all", "train", "test")
 
 
@@ -178,14 +185,225 @@ def representable_labels(model, data: PerturbationData, labels) -> tuple[list[st
 
 # ----------------------------------------------------------------------------- model ATE
 class _DosageSite:
-    """The model with its dosage as a sample site ``"d"`` that ``poutine.do`` can set."""
+    """The model with its dosage as a sample site ``"d"`` that ``poutine.do`` can set;
+    its local sites are drawn by ``streams`` (a :class:`_RowStreams`) when given."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, streams: "_RowStreams | None" = None) -> None:
         self.model = model
+        self.streams = streams
 
     def __call__(self, batch: Batch):
         d = pyro.sample("d", dist.Delta(batch.d, event_dim=2))
-        return self.model(replace(batch, d=d), observe=False)
+        if self.streams is None:
+            return self.model(replace(batch, d=d), observe=False)
+        with self.streams:
+            return self.model(replace(batch, d=d), observe=False)
+
+
+def _row_seed(seed: int, block: int, label: str) -> np.random.SeedSequence:
+    """The random stream of one request row (label) in one particle block.
+
+    Keyed by the label's text, so a label's draws do not depend on which other labels
+    are asked, in which order, or how they are batched."""
+    words = np.frombuffer(hashlib.blake2b(label.encode(), digest_size=16).digest(), dtype=np.uint32)
+    return np.random.SeedSequence([int(seed) % 2**63, int(block), *words.tolist()])
+
+
+def _seed_int(seq: np.random.SeedSequence) -> int:
+    """A 63-bit seed for ``torch.Generator.manual_seed`` from a seed sequence."""
+    return int(seq.generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+class _RowStream:
+    """One request row's random stream: a ``torch.Generator`` on the run's device,
+    seeded from a :func:`_row_seed` sequence. Exact samplers: torch's own (the
+    NegativeBinomial is torch's Gamma-Poisson mixture, drawn with this generator)."""
+
+    def __init__(self, seq: np.random.SeedSequence, device: torch.device) -> None:
+        self.gen = torch.Generator(device=device)
+        self.gen.manual_seed(_seed_int(seq))
+
+    def normal(self, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return loc + scale * torch.randn(loc.shape, generator=self.gen, dtype=loc.dtype, device=loc.device)
+
+    def poisson(self, rate: torch.Tensor) -> torch.Tensor:
+        return torch.poisson(rate, generator=self.gen)
+
+    def negative_binomial(self, total_count: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """``Poisson(Gamma(total_count, 1) * exp(logits))``, as torch's NegativeBinomial."""
+        gamma = torch._standard_gamma(total_count.contiguous(), generator=self.gen)
+        rate = gamma.clamp_min_(torch.finfo(gamma.dtype).tiny).mul_(logits.exp())
+        return torch.poisson(rate, generator=self.gen)
+
+
+class _RowStreams(Messenger):
+    """Draws the local sites (those in the ``"cells"`` plate) of a posterior predictive
+    row by row, each request row from its own :class:`_RowStream`.
+
+    A row's values then depend only on its own stream, not on the rows batched with it,
+    and rows can be drawn in parallel threads deterministically. Normal, negative
+    binomial and Poisson sites are drawn this way (exact: the same Gamma-Poisson mixture
+    as torch's ``NegativeBinomial``); a site of any other family is left to its own
+    ``.sample()`` (torch's global generator).
+
+    It runs inside the model (below ``Predictive``'s particle plate), so it adds the
+    particle dimension itself. ``Predictive`` first runs the model twice without that
+    plate, only to learn the sites' shapes: there the local sites get zeros (saving two
+    draws of every count) and no stream is used.
+    """
+
+    def __init__(self, streams: list[_RowStream], pool: ThreadPoolExecutor | None) -> None:
+        super().__init__()
+        self.streams = streams
+        self.pool = pool
+
+    @staticmethod
+    def _particle_plate():
+        for frame in _PYRO_STACK:
+            if getattr(frame, "name", None) == _PARTICLE_PLATE and hasattr(frame, "dim"):
+                return frame
+        return None
+
+    def _pyro_sample(self, msg) -> None:
+        if msg["is_observed"] or msg["value"] is not None:
+            return
+        if not any(f.name == "cells" for f in msg["cond_indep_stack"]):
+            return
+        fn = msg["fn"]
+        family = _family(fn)
+        if family is None:
+            return
+        plate = self._particle_plate()
+        if plate is None:  # a shape probe: the values are thrown away
+            msg["value"] = family[1][0].new_zeros(fn.batch_shape + fn.event_shape)
+            return
+        batch_shape = torch.broadcast_shapes(fn.batch_shape, (plate.size,) + (1,) * (-plate.dim - 1))
+        if len(batch_shape) == 0 or batch_shape[-1] != len(self.streams):
+            return
+        method, params = _family(fn.expand(batch_shape))
+        row_dim = len(batch_shape) - 1
+        shape = batch_shape + fn.event_shape
+        params = [p.expand(shape) for p in params]
+        out = torch.empty(shape, dtype=params[0].dtype, device=params[0].device)
+
+        def draw(r: int) -> None:
+            row = [p.select(row_dim, r) for p in params]
+            out.select(row_dim, r).copy_(getattr(self.streams[r], method)(*row))
+
+        if self.pool is None or len(self.streams) == 1:
+            for r in range(len(self.streams)):
+                draw(r)
+        else:
+            list(self.pool.map(draw, range(len(self.streams))))
+        msg["value"] = out
+
+
+def _family(fn) -> tuple[str, tuple[torch.Tensor, ...]] | None:
+    """``(stream method, parameters)`` of a (possibly Independent) distribution that
+    :class:`_RowStream` can draw, else None."""
+    base = fn
+    while isinstance(base, dist.Independent):
+        base = base.base_dist
+    if isinstance(base, torch.distributions.NegativeBinomial):
+        return "negative_binomial", (base.total_count, base.logits)
+    if isinstance(base, torch.distributions.Poisson):
+        return "poisson", (base.rate,)
+    if isinstance(base, torch.distributions.Normal):
+        return "normal", (base.loc, base.scale)
+    return None
+
+
+# Working memory of the model ATE, in bytes (ate_working_memory): a fixed part (the first
+# Predictive calls' allocator arenas, thread buffers and caches) plus, per particle of a
+# step, the globals (the guide's E and M with its per-treatment hidden layer for the
+# correlated SAMS-VAE guide; the model's E * M), and per particle and request row,
+# gene-sized buffers (decoder output, log-softmax, NB logits, counts) and latent/hidden
+# ones; per thread, one row's draw. Factors in float32 buffers, fitted to peak RSS
+# (VmHWM minus RSS before the call) with bench/ate_benchmark.py at 200 and 700 treatments
+# (1,187 genes, latent 100, hidden 400), where they over-estimate by up to 20%.
+_FIXED_MB = 210.0
+_GENE_BUFFERS = 2.5
+_HIDDEN_BUFFERS = 2.0
+_GLOBAL_BUFFERS = 4.0
+_GUIDE_HIDDEN_BUFFERS = 2.25
+_ROW_DRAW_BUFFERS = 5.0
+#: the model ATE's default working-memory budget (MB) when none is given
+DEFAULT_MEMORY_MB = 1024.0
+#: default particles per random block (see :func:`model_ate`)
+DEFAULT_PARTICLE_BATCH = 100
+
+
+def ate_working_memory(
+    n_rows: int,
+    particles: int,
+    n_genes: int,
+    n_latent: int,
+    n_treatments: int,
+    n_threads: int = 1,
+    hidden: int = 0,
+    guide_hidden: int = 0,
+) -> float:
+    """Estimated peak working memory (bytes) of the model ATE run in steps of
+    ``particles`` particles x ``n_rows`` request rows.
+
+    ``hidden``: the model's widest hidden layer; ``guide_hidden``: the width of a guide
+    network run once per treatment and particle (SAMS-VAE's correlated ``q(E | M)``)."""
+    per_row = 4.0 * (_GENE_BUFFERS * n_genes + _HIDDEN_BUFFERS * (n_latent + hidden))
+    per_particle = 4.0 * n_treatments * (_GLOBAL_BUFFERS * n_latent + _GUIDE_HIDDEN_BUFFERS * guide_hidden)
+    per_particle += 4.0 * _ROW_DRAW_BUFFERS * n_genes * n_threads
+    return _FIXED_MB * 2**20 + float(particles) * (n_rows * per_row + per_particle)
+
+
+def ate_batch_for_memory(
+    memory_mb: float,
+    n_rows: int,
+    particles: int,
+    n_genes: int,
+    n_latent: int,
+    n_treatments: int,
+    n_threads: int = 1,
+    hidden: int = 0,
+    guide_hidden: int = 0,
+) -> tuple[int, int]:
+    """``(treatment_rows, particles)`` per step whose working memory fits ``memory_mb``.
+
+    The particle count is kept if one row of it fits (results then do not change) and
+    the largest number of request rows, at most ``n_rows``, that fits is taken;
+    otherwise the most particles for which one row fits, and as many rows as fit with
+    them. Raises ValueError naming the minimum budget if one row of one particle does
+    not fit.
+    """
+    budget = float(memory_mb) * 2**20
+
+    def need(rows: int, parts: int) -> float:
+        return ate_working_memory(rows, parts, n_genes, n_latent, n_treatments, n_threads, hidden, guide_hidden)
+
+    if not budget > 0 or need(1, 1) > budget:
+        raise ValueError(
+            f"ATE memory budget of {memory_mb} MB is too small: one treatment row of one "
+            f"particle needs {need(1, 1) / 2**20:.2f} MB ({n_genes} genes, {n_treatments} "
+            f"treatments x {n_latent} latents); the budget must be at least {need(1, 1) / 2**20:.2f} MB"
+        )
+    particles = max(1, int(particles))
+    if need(1, particles) > budget:
+        particles = max(1, int((budget - need(1, 0)) // (need(1, 1) - need(1, 0))))
+    lo, hi = 1, max(1, int(n_rows))  # the largest row count that fits (need grows with rows)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if need(mid, particles) <= budget else (lo, mid - 1)
+    return lo, particles
+
+
+def _widest_layer(module, exclude: int = -1) -> int:
+    """The largest ``out_features`` of the module's linear layers (except ``exclude``)."""
+    widths = [m.out_features for m in module.modules() if isinstance(m, torch.nn.Linear) and m.out_features != exclude]
+    return max(widths, default=0)
+
+
+def _guide_hidden(guide) -> int:
+    """Width of a guide network run per treatment and particle (0 if none)."""
+    encoder = getattr(guide, "effect_encoder", None)
+    return _widest_layer(encoder) if encoder is not None else 0
 
 
 @torch.no_grad()
@@ -199,16 +417,47 @@ def model_ate(
     device: torch.device | str | None = None,
     library: float = LIBRARY,
     treatment_batch: int | None = None,
-    particle_batch: int | None = None,
+    particle_batch: int = DEFAULT_PARTICLE_BATCH,
+    memory_mb: float | None = None,
+    num_threads: int | None = None,
+    sampler: str = "rows",
 ) -> pd.DataFrame:
     """Model ATE of ``labels`` (combinations included) by posterior predictive.
 
-    For each chunk of treatments a batch with the control first and one row per
-    treatment is built (``x = None``, library ``library``); ``Predictive`` runs the guide
-    (globals) and the model (basal state from the prior, counts sampled) vectorised over
-    a chunk of particles, with ``poutine.do`` setting the dosage site. The control mean is
-    pooled over every chunk. Memory: ``particle_batch x (treatment_batch + 1) x genes``
-    stays near 8 million entries unless set.
+    The particles are split into blocks of ``particle_batch``. For each block the global
+    latents are drawn once from the guide (``Predictive(guide)``) and shared by every
+    treatment and the control (common random numbers); then for each batch of request
+    rows (the control once, then the treatments; ``x = None``, library ``library``)
+    ``Predictive(model, posterior_samples=globals)`` draws the basal state from the prior
+    and the counts, with ``poutine.do`` setting the dosage site. Counts are normalised
+    to ``library`` (by their sampled total) and ``log2(1 + x)``, summed over particles.
+
+    Random streams (``sampler="rows"``, the default): the globals of block ``j`` come
+    from torch's generator seeded by ``(seed, j)``; each request row's local draws from
+    its own stream seeded by ``(seed, j, label)``. For a given ``seed``,
+    ``num_particles`` and ``particle_batch``, a label's ATE is therefore bit-identical
+    whatever the treatment batching (``treatment_batch``, ``memory_mb``, threads) and
+    whichever other labels are asked; the ATE of the control label is exactly 0.
+    ``sampler="pyro"`` lets every site draw from torch's generator instead (the row
+    values then depend on the batching; kept for comparison).
+
+    Args:
+        labels: perturbation labels (``"A"``, ``"A+B"``).
+        num_particles: posterior predictive particles (paper: 2,500).
+        seed: the random seed.
+        device: default: the model's.
+        library: library size of the drawn cells and of the normalisation.
+        treatment_batch: request rows per step; default: the most that fit ``memory_mb``.
+        particle_batch: particles per random block (and per step).
+        memory_mb: working-memory budget (MB; default :data:`DEFAULT_MEMORY_MB` when
+            ``treatment_batch`` is not given): peak memory above the process's before
+            the call, estimated by :func:`ate_working_memory` (fitted to peak RSS, about
+            210 MB of it fixed); the largest treatment batch that fits is used. If one
+            treatment of ``particle_batch`` particles does not fit, fewer particles per
+            block are used (results then differ in Monte Carlo noise only); a budget below
+            one row of one particle raises ValueError.
+        num_threads: threads drawing rows in parallel on CPU (default: torch's).
+        sampler: ``"rows"`` or ``"pyro"`` (see above).
 
     Returns:
         DataFrame (labels x genes), the ATE in log2(1 + normalised counts) units.
@@ -217,41 +466,65 @@ def model_ate(
     if device is None:
         device = next(iter(model.parameters()), torch.zeros(0)).device
     device = torch.device(device)
+    if num_particles < 1:
+        raise ValueError(f"num_particles must be >= 1, got {num_particles}")
+    if particle_batch < 1:
+        raise ValueError(f"particle_batch must be >= 1, got {particle_batch}")
+    if treatment_batch is not None and treatment_batch < 1:
+        raise ValueError(f"treatment_batch must be >= 1, got {treatment_batch}")
+    if sampler not in ("rows", "pyro"):
+        raise ValueError(f"unknown sampler {sampler!r}; expected 'rows' or 'pyro'")
     model.eval()
     guide.eval()
     G = spec.n_genes
-    if num_particles < 1:
-        raise ValueError(f"num_particles must be >= 1, got {num_particles}")
-    if treatment_batch is None:
-        treatment_batch = max(1, min(len(labels) or 1, 64))
-    if particle_batch is None:
-        particle_batch = max(1, min(num_particles, _BUDGET // ((treatment_batch + 1) * G)))
-    sampler = _DosageSite(model)
-    treated = np.zeros((len(labels), G))
-    control_sum = torch.zeros(G, dtype=torch.float64, device=device)
-    control_n = 0
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        pyro.set_rng_seed(seed)
-        for start in range(0, len(labels), treatment_batch):
-            chunk = labels[start : start + treatment_batch]
-            batch = spec.request_batch([spec.control] + chunk, library, device=device)
-            # the model's own dosage is the control's; the intervention sets each row's
-            intervened = poutine.do(sampler, data={"d": batch.d})
-            base = replace(batch, d=torch.zeros_like(batch.d))
-            acc = torch.zeros((len(chunk) + 1, G), dtype=torch.float64, device=device)
-            for p0 in range(0, num_particles, particle_batch):
+    control = spec.control
+    rows = [control] + list(dict.fromkeys(lab for lab in labels if lab != control))
+    threads = max(1, int(num_threads or torch.get_num_threads())) if device.type == "cpu" else 1
+    particle_batch = min(int(particle_batch), num_particles)
+    if treatment_batch is None or memory_mb is not None:
+        budget_rows, particle_batch = ate_batch_for_memory(
+            DEFAULT_MEMORY_MB if memory_mb is None else memory_mb, len(rows), particle_batch, G,
+            int(getattr(model, "n_latent", 0) or 0), spec.n_perturbations, threads,
+            hidden=_widest_layer(model, exclude=G), guide_hidden=_guide_hidden(guide),
+        )
+        treatment_batch = budget_rows if treatment_batch is None else min(treatment_batch, budget_rows)
+    sums = torch.zeros((len(rows), G), dtype=torch.float64, device=device)
+    pool = ThreadPoolExecutor(max_workers=threads) if threads > 1 and sampler == "rows" else None
+    try:
+        # argument validation of every distribution is a full pass over (particles, rows,
+        # genes) tensors per site and cannot fail on the model's own parameters here
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), pyro.validation_enabled(False):
+            for block, p0 in enumerate(range(0, num_particles, particle_batch)):
                 k = min(particle_batch, num_particles - p0)
-                predictive = Predictive(intervened, guide=guide, num_samples=k, parallel=True, return_sites=("x",))
-                x = predictive(base)["x"]
-                x = x.reshape(k, len(chunk) + 1, G)
-                acc += lognormalize(x.double()).sum(0)
-            control_sum += acc[0]
-            control_n += num_particles
-            treated[start : start + len(chunk)] = (acc[1:] / num_particles).cpu().numpy()
+                torch.manual_seed(_seed_int(np.random.SeedSequence([int(seed) % 2**63, block])))
+                probe = spec.request_batch([control], library, device=device)
+                globals_ = Predictive(guide, num_samples=k, parallel=True, return_sites=None)(probe)
+                for start in range(0, len(rows), treatment_batch):
+                    chunk = rows[start : start + treatment_batch]
+                    batch = spec.request_batch(chunk, library, device=device)
+                    streams = None
+                    if sampler == "rows":
+                        streams = _RowStreams([_RowStream(_row_seed(seed, block, lab), device) for lab in chunk], pool)
+                    # the model's own dosage is the control's; the intervention sets each row's
+                    intervened = poutine.do(_DosageSite(model, streams), data={"d": batch.d})
+                    base = replace(batch, d=torch.zeros_like(batch.d))
+                    predictive = Predictive(intervened, posterior_samples=globals_, num_samples=k, parallel=True, return_sites=("x",))
+                    x = predictive(base)["x"]
+                    x = x.reshape(k, len(chunk), G)
+                    # normalise to the library by each draw's own total, in place (float32)
+                    total = x.sum(-1, keepdim=True).clamp_min_(1.0)
+                    x.mul_(library / total).add_(1.0).log2_()
+                    sums[start : start + len(chunk)] += x.sum(0, dtype=torch.float64)
+                    del x
+    finally:
+        if pool is not None:
+            pool.shutdown()
     if not labels:
         return pd.DataFrame(np.zeros((0, G)), columns=spec.genes)
-    control_mean = (control_sum / control_n).cpu().numpy()
-    return pd.DataFrame(treated - control_mean, index=pd.Index(labels, name="perturbation"), columns=spec.genes)
+    means = (sums / num_particles).cpu().numpy()
+    position = {lab: i for i, lab in enumerate(rows)}
+    treated = np.stack([means[position[lab]] for lab in labels])
+    return pd.DataFrame(treated - means[0], index=pd.Index(labels, name="perturbation"), columns=spec.genes)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -273,6 +546,7 @@ def ate_results(
     seed: int = 0,
     device=None,
     data_cells="heldout",
+    memory_mb: float | None = None,
 ) -> dict:
     """Data ATE, model ATE and metrics per treatment split.
 
@@ -295,7 +569,7 @@ def ate_results(
                     continue
                 labels.append(lab)
     ok, notes = representable_labels(model, data, labels)
-    pred = model_ate(model, guide, data.spec, ok, num_particles=num_particles, seed=seed, device=device)
+    pred = model_ate(model, guide, data.spec, ok, num_particles=num_particles, seed=seed, device=device, memory_mb=memory_mb)
     model_df = pred.reindex(labels)
     splits = treatment_splits(data)
     groups = {
@@ -351,18 +625,22 @@ def ate_evaluator(
     "num_particles": ...}`` and copies the train / test treatment-split metrics into
     ``results["train"]`` / ``results["test"]``. Options (``evaluate_run(options=...)``):
     ``ate_particles`` (default 2500), ``ate_ppc`` (default True), ``ate_plots`` (default
-    True), ``ppc_draws`` (default 30), ``ate_data_cells`` (default ``"heldout"``).
+    True), ``ppc_draws`` (default 30), ``ate_data_cells`` (default ``"heldout"``),
+    ``ate_memory_mb`` (working-memory budget of the model ATE, default 1024).
     """
     if data.spec.n_perturbations == 0:
         return
     opts = dict(options or {})
     num_particles = int(opts.get("ate_particles", DEFAULT_PARTICLES))
+    memory_mb = opts.get("ate_memory_mb")
     res = ate_results(
         run.model, run.guide, data, num_particles=num_particles, seed=seed, device=run.device,
-        data_cells=opts.get("ate_data_cells", "heldout"),
+        data_cells=opts.get("ate_data_cells", "heldout"), memory_mb=None if memory_mb is None else float(memory_mb),
     )
     block = {s: res["metrics"][s] for s in ATE_SPLITS}
     block["num_particles"] = num_particles
+    if memory_mb is not None:
+        block["memory_mb"] = float(memory_mb)
     block["composes"] = bool(getattr(run.model, "composes", True))
     block["data_cells"] = str(opts.get("ate_data_cells", "heldout"))
     if res["notes"]:

@@ -41,7 +41,7 @@ from torch import nn
 
 from ..data import Batch, DataSpec
 from ..distributions import StraightThroughBernoulli, dosage_offset
-from ..nn import MLP, ExpressionNormalizer, GaussianEncoder, broadcast_cat
+from ..nn import MLP, ExpressionNormalizer, GaussianEncoder
 
 
 def _inverse_softplus(y: float) -> float:
@@ -69,7 +69,9 @@ class _ShiftGuideBase(PyroModule):
     def _basal(self, batch: Batch, offset: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         inputs = self.normalizer(batch.x)
         if offset is not None:
-            inputs = broadcast_cat([inputs, offset])
+            # = encoder(cat([x, offset])), with x's block multiplied once per cell, not
+            # once per particle (the offset carries the particle dims)
+            return self.encoder.forward_parts([inputs, offset])
         return self.encoder(inputs)
 
     def _sample_basal(self, batch: Batch, offset: torch.Tensor | None = None) -> None:
@@ -180,7 +182,8 @@ class SAMSVAECorrelatedGuide(_MaskMixin, _ShiftGuideBase):
 
     def _effect_params(self, M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         eye = torch.eye(self.n_treatments, dtype=M.dtype, device=M.device)
-        return self.effect_encoder(broadcast_cat([M, eye]))
+        # = effect_encoder(cat([M, eye])) without expanding eye to M's particle dims
+        return self.effect_encoder.forward_parts([M, eye])
 
     def forward(self, batch: Batch, observe: bool = True):
         M = self._sample_mask()

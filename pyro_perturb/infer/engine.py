@@ -10,8 +10,10 @@ annealing is a linear warm-up of ``batch.kl_weight``, which models apply with
 ``poutine.scale`` to their latent sites.
 
 Each epoch ends with a validation ELBO, early stopping on it (the best state is kept),
-an atomic checkpoint, and a row of ``history.csv``. A run killed at any point resumes
-from its last checkpoint and ends with the same parameters as an uninterrupted run.
+an atomic checkpoint, and a row of ``history.csv`` (``checkpoint_every_steps`` adds
+checkpoints inside an epoch). A run killed at any point resumes from its last checkpoint,
+mid-epoch ones included, and ends with the same parameters as an uninterrupted run.
+Under ``torchrun`` the same loop trains data-parallel (:mod:`.distributed`).
 
 Optional hooks a model may define (FCR uses them):
 * ``model.auxiliary_loss(guide, batch) -> Tensor``: added to the negative ELBO;
@@ -21,6 +23,7 @@ Optional hooks a model may define (FCR uses them):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import math
@@ -36,6 +39,16 @@ from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
 from ..data import PerturbationData
 from .checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
+from .distributed import (
+    DistContext,
+    adversary_optimizer,
+    all_reduce_sum,
+    data_parallel_loss,
+    device_for,
+    gather_rng_states,
+    particle_seed,
+)
+from . import distributed
 
 ELBOS = ("trace", "meanfield")
 
@@ -67,6 +80,22 @@ class TrainConfig:
         device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
         eval_batch_size: cells per validation batch.
         progress: show a progress bar.
+        shuffle_block_size: ``None``: each epoch visits the training cells in a uniform
+            random order. A number: *block-shuffling* (see
+            :func:`~pyro_perturb.data.epoch_order`), blocks of that many consecutive
+            cells in random order, shuffled within windows of ``shuffle_buffer_blocks``
+            blocks: minibatches are then read from disk as a few contiguous slices
+            (backed ``.h5ad``), at the price of correlated cells within a batch.
+        shuffle_buffer_blocks: blocks per shuffling window (with ``shuffle_block_size``).
+        checkpoint_every_steps: also checkpoint every this many optimizer steps inside an
+            epoch (with a run directory); a resumed run continues at that step and ends
+            as an uninterrupted one. ``None``: at the end of each epoch only.
+        validate_distributions: run Pyro's distribution argument and support checks in
+            training steps. Off by default: they cost ~5-10% of a SAMS-VAE step
+            (bench/results/train_throughput.md), counts are checked when the data are
+            loaded, and a NaN parameter still stops training (``TrainingDivergedError``
+            from the non-finite loss). Also for the per-epoch validation loss; evaluation
+            (``iwelbo``: always off; ATE, predictive) is not affected.
     """
 
     max_epochs: int = 100
@@ -84,6 +113,10 @@ class TrainConfig:
     device: str = "auto"
     eval_batch_size: int = 1024
     progress: bool = False
+    shuffle_block_size: int | None = None
+    shuffle_buffer_blocks: int = 16
+    checkpoint_every_steps: int | None = None
+    validate_distributions: bool = False
 
     def __post_init__(self) -> None:
         checks = [
@@ -92,6 +125,11 @@ class TrainConfig:
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (self.num_particles >= 1, f"num_particles must be >= 1, got {self.num_particles}"),
             (self.elbo in ELBOS, f"elbo must be one of {ELBOS}, got {self.elbo!r}"),
+            (self.shuffle_block_size is None or self.shuffle_block_size >= 1,
+             f"shuffle_block_size must be None or >= 1, got {self.shuffle_block_size}"),
+            (self.shuffle_buffer_blocks >= 1, f"shuffle_buffer_blocks must be >= 1, got {self.shuffle_buffer_blocks}"),
+            (self.checkpoint_every_steps is None or self.checkpoint_every_steps >= 1,
+             f"checkpoint_every_steps must be None or >= 1, got {self.checkpoint_every_steps}"),
             (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
              f"device must be auto, cpu or cuda, got {self.device!r}"),
         ]
@@ -149,24 +187,74 @@ def optimizer_params(optimizer) -> list[torch.Tensor]:
     return [p for g in optimizer.param_groups for p in g["params"]]
 
 
+def training_step(
+    model, guide, batch, elbo, optimizer, clip_norm=None, aux=None, adversary_optimizer=None,
+    validate_distributions: bool = True,
+) -> torch.Tensor:
+    """One SVI step of :func:`train`: ``elbo.differentiable_loss`` (+ the model's
+    auxiliary loss), backward, gradient clipping, ``optimizer.step()``, then the
+    adversary's step if any. Returns the detached loss; when it is not finite nothing
+    is updated (the caller stops). ``validate_distributions=False`` switches Pyro's
+    distribution checks off for the step (``TrainConfig.validate_distributions``).
+    ``bench/train_throughput.py`` times this function.
+    """
+    try:
+        # validation_enabled(True) would force checks a user switched off globally
+        with pyro.validation_enabled(False) if not validate_distributions else contextlib.nullcontext():
+            loss = elbo.differentiable_loss(model, guide, batch)
+            if aux is not None:
+                loss = loss + aux(guide, batch)
+    except ValueError:
+        # distribution argument checks fail on NaN parameters: that is divergence
+        if all(torch.isfinite(p).all() for p in optimizer_params(optimizer)):
+            raise
+        return torch.tensor(float("nan"))
+    if not torch.isfinite(loss):
+        return loss.detach()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_norm:
+        torch.nn.utils.clip_grad_norm_(optimizer_params(optimizer), clip_norm)
+    optimizer.step()
+    if adversary_optimizer is not None:
+        with pyro.validation_enabled(False) if not validate_distributions else contextlib.nullcontext():
+            adv_loss = model.adversary_loss(guide, batch)
+        adversary_optimizer.zero_grad(set_to_none=True)
+        adv_loss.backward()
+        adversary_optimizer.step()
+    return loss.detach()
+
+
 def _state(model, guide) -> dict:
     return {"model": copy.deepcopy(model.state_dict()), "guide": copy.deepcopy(guide.state_dict())}
 
 
 @torch.no_grad()
-def validation_loss(model, guide, data: PerturbationData, split: str, cfg: TrainConfig, device, seed: int) -> float:
-    """Negative ELBO per cell over a split (globals counted once), seeded."""
+def validation_loss(
+    model, guide, data: PerturbationData, split: str, cfg: TrainConfig, device, seed: int, ctx: DistContext | None = None
+) -> float:
+    """Negative ELBO per cell over a split (globals counted once), seeded.
+
+    Data-parallel (``ctx``): each rank evaluates a contiguous share of the cells (plate
+    size: the whole split) and the sums are added across ranks."""
     idx = data.indices(split)
     if len(idx) == 0:
         return float("nan")
+    ctx = ctx or DistContext()
+    positions = np.array_split(np.arange(len(idx)), ctx.world_size)[ctx.rank]
     elbo = make_elbo(cfg.elbo, cfg.num_particles, model.max_plate_nesting)
     total = 0.0
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         pyro.set_rng_seed(seed)
-        for batch in data.batches(split, cfg.eval_batch_size, device=device):
+        for start in range(0, len(positions), cfg.eval_batch_size):
+            pos = positions[start : start + cfg.eval_batch_size]
+            batch = data.batch(idx[pos], n_cells=len(idx), positions=pos, device=device)
             # the plate scales the batch's local terms by n / B; weighting by B / n
             # makes the sum over batches count the global terms exactly once
-            total += float(elbo.loss(model, guide, batch)) * batch.size / batch.n_cells
+            with pyro.validation_enabled(False) if not cfg.validate_distributions else contextlib.nullcontext():
+                loss = elbo.loss(model, guide, batch)
+            total += float(loss) * batch.size / batch.n_cells
+    (total,) = all_reduce_sum([total], ctx, device)
     return total / len(idx)
 
 
@@ -188,11 +276,17 @@ def train(
     ``history.csv`` kept up to date; ``resume=True`` continues from the checkpoint.
     At the end the best state (lowest validation loss) is loaded into the modules.
     ``callback(epoch, row)`` runs after each epoch's checkpoint.
+
+    When a ``torch.distributed`` process group is initialised (``torchrun``), training
+    is data-parallel (see :mod:`pyro_perturb.infer.distributed`): each process trains
+    on its share of every batch of ``cfg.batch_size`` cells, gradients are averaged,
+    and only rank 0 writes to ``run_dir``.
     """
-    device = resolve_device(cfg.device)
+    ctx = distributed.current()
+    device = device_for(ctx, resolve_device(cfg.device))
     model.to(device)
     guide.to(device)
-    pyro.set_rng_seed(cfg.seed)
+    pyro.set_rng_seed(particle_seed(cfg.seed, ctx))
     pyro.clear_param_store()
     n_train = len(data.indices("train"))
     if n_train == 0:
@@ -210,11 +304,14 @@ def train(
         if adversary is not None
         else None
     )
+    adv_optimizer = adversary_optimizer(adv_optimizer, ctx)
     elbo = make_elbo(cfg.elbo, cfg.num_particles, model.max_plate_nesting)
     aux = getattr(model, "auxiliary_loss", None)
 
     history: list[dict] = []
     start_epoch, best_val, bad_epochs, best, stopped_early = 0, math.inf, 0, None, False
+    # where a mid-epoch checkpoint left the epoch start_epoch
+    start_step, resumed_running, resumed_seconds = 0, 0.0, 0.0
     if resume:
         if run_dir is None:
             raise ValueError("resume=True needs a run directory")
@@ -224,39 +321,60 @@ def train(
         optimizer.load_state_dict(ckpt["optimizer"])
         if adv_optimizer is not None and "adversary_optimizer" in ckpt:
             adv_optimizer.load_state_dict(ckpt["adversary_optimizer"])
-        torch.set_rng_state(ckpt["rng_torch"])
+        rng_states = ckpt.get("rng_torch_ranks", [ckpt["rng_torch"]])
+        if len(rng_states) != ctx.world_size:
+            raise ValueError(
+                f"the checkpoint in {run_dir} was written by {len(rng_states)} training process(es); "
+                f"resume it with as many (this run has {ctx.world_size})"
+            )
+        torch.set_rng_state(rng_states[ctx.rank])
         start_epoch, best_val, bad_epochs = ckpt["epoch"], ckpt["best_val"], ckpt["bad_epochs"]
+        start_step = int(ckpt.get("step", 0))
+        resumed_running, resumed_seconds = float(ckpt.get("running", 0.0)), float(ckpt.get("epoch_seconds", 0.0))
         best = {"model": ckpt["best_model"], "guide": ckpt["best_guide"]}
         history = [dict(r) for r in ckpt["history"]]
         stopped_early = bool(ckpt.get("stopped_early", False))
     last_good = _state(model, guide)
+    # what training_step differentiates: the ELBO (+ aux) itself in one process; when
+    # distributed, the same loss computed through DistributedDataParallel (gradients
+    # averaged across ranks in backward)
+    step_elbo, step_aux = data_parallel_loss(model, guide, elbo, aux, ctx)
+    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
+    checkpoint_writer = None
+    if run_dir is not None:
+        def checkpoint_writer(epoch_done, step=0, running=0.0, epoch_seconds=0.0):
+            # collective: every rank hands over its RNG state, rank 0 writes
+            rng_states = gather_rng_states(ctx)
+            if ctx.is_main:
+                _write_checkpoint(run_dir, model, guide, optimizer, adv_optimizer, epoch_done, best_val, bad_epochs,
+                                  best, history, stopped_early, rng_states, step, running, epoch_seconds)
 
     epochs = range(start_epoch, cfg.max_epochs)
-    if cfg.progress:
+    if cfg.progress and ctx.is_main:
         from tqdm.auto import tqdm
 
         epochs = tqdm(epochs, initial=start_epoch, total=cfg.max_epochs, desc="epochs", unit="ep")
     for epoch in epochs:
         if stopped_early:
             break
-        t0 = time.perf_counter()
+        # a mid-epoch checkpoint resumes inside its epoch, at its step
+        first_step = start_step if epoch == start_epoch else 0
+        t0 = time.perf_counter() - (resumed_seconds if first_step else 0.0)
         kl_weight = kl_weight_at(epoch, cfg.kl_warmup_epochs)
         model.train()
         guide.train()
-        running, n_steps = 0.0, 0
+        running, n_steps = (resumed_running, first_step) if first_step else (0.0, 0)
         for step, batch in enumerate(
-            data.batches("train", cfg.batch_size, shuffle=True, seed=cfg.seed * 1_000_003 + epoch, device=device)
+            data.batches(
+                "train", cfg.batch_size, shuffle=True, seed=cfg.seed * 1_000_003 + epoch, device=device,
+                block_size=cfg.shuffle_block_size, buffer_blocks=cfg.shuffle_buffer_blocks, shard=ctx.shard,
+                start_step=first_step,
+            ),
+            start=first_step,
         ):
             batch = batch.with_kl_weight(kl_weight)
-            try:
-                loss = elbo.differentiable_loss(model, guide, batch)
-                if aux is not None:
-                    loss = loss + aux(guide, batch)
-            except ValueError:
-                # distribution argument checks fail on NaN parameters: that is divergence
-                if all(torch.isfinite(p).all() for p in optimizer_params(optimizer)):
-                    raise
-                loss = torch.tensor(float("nan"))
+            loss = training_step(model, guide, batch, step_elbo, optimizer, cfg.clip_norm, step_aux, adv_optimizer,
+                                 validate_distributions=cfg.validate_distributions)
             if not torch.isfinite(loss):
                 model.load_state_dict(last_good["model"])
                 guide.load_state_dict(last_good["guide"])
@@ -266,22 +384,18 @@ def train(
                     + (f" in {run_dir}" if run_dir else "")
                     + ". Try a lower learning rate (--lr) or gradient clipping (--set clip_norm=1)"
                 )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.clip_norm:
-                torch.nn.utils.clip_grad_norm_(optimizer_params(optimizer), cfg.clip_norm)
-            optimizer.step()
-            if adv_optimizer is not None:
-                adv_loss = model.adversary_loss(guide, batch)
-                adv_optimizer.zero_grad(set_to_none=True)
-                adv_loss.backward()
-                adv_optimizer.step()
-            running += float(loss.detach()) / n_train
+            running += float(loss) / n_train
             n_steps += 1
+            if (checkpoint_writer is not None and cfg.checkpoint_every_steps
+                    and n_steps % cfg.checkpoint_every_steps == 0 and n_steps < steps_per_epoch):
+                (mean_running,) = all_reduce_sum([running / ctx.world_size], ctx, device)
+                checkpoint_writer(epoch, n_steps, mean_running, time.perf_counter() - t0)
+        # the ranks' losses are estimates of the same batch loss: average them
+        (running,) = all_reduce_sum([running / ctx.world_size], ctx, device)
         model.eval()
         guide.eval()
         val = (
-            validation_loss(model, guide, data, "val", cfg, device, seed=cfg.seed + 7919)
+            validation_loss(model, guide, data, "val", cfg, device, seed=cfg.seed + 7919, ctx=ctx)
             if has_val
             else running / n_steps
         )
@@ -301,11 +415,11 @@ def train(
         if cfg.early_stopping_patience is not None and bad_epochs >= cfg.early_stopping_patience:
             stopped_early = True
         last_good = _state(model, guide)
-        if run_dir is not None:
-            _write_checkpoint(run_dir, model, guide, optimizer, adv_optimizer, epoch + 1, best_val, bad_epochs, best, history, stopped_early)
-        if cfg.progress:
+        if checkpoint_writer is not None:
+            checkpoint_writer(epoch + 1)
+        if cfg.progress and ctx.is_main:
             epochs.set_postfix(loss=f"{row['train_loss']:.4g}", val=f"{val:.4g}")
-        if callback is not None:
+        if callback is not None and ctx.is_main:
             callback(epoch + 1, row)
     if best is not None:
         model.load_state_dict(best["model"])
@@ -313,14 +427,23 @@ def train(
     return history
 
 
-def _write_checkpoint(run_dir, model, guide, optimizer, adv_optimizer, epoch, best_val, bad_epochs, best, history, stopped_early):
+def _write_checkpoint(run_dir, model, guide, optimizer, adv_optimizer, epoch, best_val, bad_epochs, best, history,
+                      stopped_early, rng_states, step=0, running=0.0, epoch_seconds=0.0):
+    """``epoch`` completed epochs, plus ``step`` optimizer steps of the next one (with
+    its summed loss so far, ``running``) for a mid-epoch checkpoint; ``rng_states``: the
+    torch RNG state of every training process, by rank."""
     run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     state = {
         "epoch": epoch,
+        "step": int(step),
+        "running": float(running),
+        "epoch_seconds": float(epoch_seconds),
+        "rng_torch_ranks": list(rng_states),
         "model": model.state_dict(),
         "guide": guide.state_dict(),
         "optimizer": optimizer.state_dict(),
-        "rng_torch": torch.get_rng_state(),
+        "rng_torch": rng_states[0],
         "best_val": float(best_val),
         "bad_epochs": int(bad_epochs),
         "best_model": best["model"] if best else model.state_dict(),
