@@ -193,13 +193,14 @@ def write_report(results: dict, out: Path) -> None:
              f"model: {results['model']}.", "",
              "Working peak = VmHWM after the call minus VmRSS before it (fresh process per row). "
              "Ratios: baseline seconds / variant seconds, same configuration, same invocation.", "",
-             "| config | variant | budget MB | wall s | CPU s | wall vs baseline | CPU vs baseline | working peak MB | peak RSS MB | mean abs ATE |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| invocation | threads | config | variant | budget MB | wall s | CPU s | wall vs baseline | CPU vs baseline | working peak MB | peak RSS MB | mean abs ATE |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["runs"]:
-        base = next((b for b in results["runs"] if b["variant"] == "baseline" and b["config"] == r["config"]), None)
+        base = next((b for b in results["runs"] if b["variant"] == "baseline" and b["config"] == r["config"]
+                     and b.get("invocation") == r.get("invocation")), None)
         ratio = f"{base['seconds'] / r['seconds']:.2f}x" if base else "-"
         cpu_ratio = f"{base['cpu_seconds'] / r['cpu_seconds']:.2f}x" if base else "-"
-        lines.append(f"| {r['config']} | {r['variant']} | {r.get('memory_mb') or '-'} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | "
+        lines.append(f"| {r.get('invocation', '-')} | {r['threads']} | {r['config']} | {r['variant']} | {r.get('memory_mb') or '-'} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | "
                      f"{ratio} | {cpu_ratio} | {r['working_peak_mb']:.0f} | {r['peak_rss_mb']:.0f} | {r['ate_abs_mean']:.4f} |")
     for T, info in results.get("training", {}).items():
         lines += ["", f"Model for {T} treatments: {json.dumps(info)}"]
