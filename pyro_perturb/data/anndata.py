@@ -135,7 +135,7 @@ class DataSpec:
             d=torch.as_tensor(d, dtype=torch.float32, device=device),
             c=torch.as_tensor(cov, device=device),
             label=torch.as_tensor(codes, device=device),
-            library=torch.as_tensor(np.ascontiguousarray(library), device=device),
+            library=torch.as_tensor(np.array(library), device=device),  # a writable copy of the broadcast view
             index=torch.arange(n, device=device),
             n_cells=n,
         )
