@@ -260,3 +260,21 @@ def test_model_ate_rejects_bad_options(combo_data):
         model_ate(model, guide, combo_data.spec, ["p000"], num_particles=10, sampler="numpy")
     with pytest.raises(ValueError, match="particle_batch"):
         model_ate(model, guide, combo_data.spec, ["p000"], num_particles=10, particle_batch=0)
+
+
+def test_rows_share_basal_noise_but_not_count_noise():
+    """Common random numbers: every request row of a particle block draws the same basal
+    (normal) noise, so the ATE difference carries no basal-state noise; counts stay per row."""
+    import numpy as np
+
+    from pyro_perturb.evaluate.ate import _row_seed, _RowStream
+
+    shared = np.random.SeedSequence([0, 3, 1])
+    a = _RowStream(_row_seed(0, 3, "A"), torch.device("cpu"), shared)
+    b = _RowStream(_row_seed(0, 3, "A+B"), torch.device("cpu"), shared)
+    loc, scale = torch.zeros(50, 4), torch.ones(50, 4)
+    assert torch.equal(a.normal(loc, scale), b.normal(loc, scale))
+    rate = torch.full((50, 4), 5.0)
+    assert not torch.equal(a.poisson(rate), b.poisson(rate))
+    other_block = _RowStream(_row_seed(0, 4, "A"), torch.device("cpu"), np.random.SeedSequence([0, 4, 1]))
+    assert not torch.equal(other_block.normal(loc, scale), _RowStream(_row_seed(0, 3, "A"), torch.device("cpu"), shared).normal(loc, scale))

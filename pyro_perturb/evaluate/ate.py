@@ -215,16 +215,26 @@ def _seed_int(seq: np.random.SeedSequence) -> int:
 
 
 class _RowStream:
-    """One request row's random stream: a ``torch.Generator`` on the run's device,
-    seeded from a :func:`_row_seed` sequence. Exact samplers: torch's own (the
-    NegativeBinomial is torch's Gamma-Poisson mixture, drawn with this generator)."""
+    """One request row's random streams: ``torch.Generator``s on the run's device.
+    Exact samplers: torch's own (the NegativeBinomial is torch's Gamma-Poisson mixture,
+    drawn with this row's generator, seeded from a :func:`_row_seed` sequence).
 
-    def __init__(self, seq: np.random.SeedSequence, device: torch.device) -> None:
+    Normal (latent) sites are drawn as ``loc + scale * eps`` with ``eps`` from a
+    generator seeded by ``shared`` (the particle block only), the same for every row:
+    treatment and control rows then share their basal noise as well as their globals
+    (common random numbers), which leaves each arm's expectation unchanged and removes
+    the basal-state noise from their difference, the ATE."""
+
+    def __init__(self, seq: np.random.SeedSequence, device: torch.device, shared: np.random.SeedSequence | None = None) -> None:
         self.gen = torch.Generator(device=device)
         self.gen.manual_seed(_seed_int(seq))
+        self.latent_gen = self.gen
+        if shared is not None:
+            self.latent_gen = torch.Generator(device=device)
+            self.latent_gen.manual_seed(_seed_int(shared))
 
     def normal(self, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        return loc + scale * torch.randn(loc.shape, generator=self.gen, dtype=loc.dtype, device=loc.device)
+        return loc + scale * torch.randn(loc.shape, generator=self.latent_gen, dtype=loc.dtype, device=loc.device)
 
     def poisson(self, rate: torch.Tensor) -> torch.Tensor:
         return torch.poisson(rate, generator=self.gen)
@@ -434,7 +444,9 @@ def model_ate(
 
     Random streams (``sampler="rows"``, the default): the globals of block ``j`` come
     from torch's generator seeded by ``(seed, j)``; each request row's local draws from
-    its own stream seeded by ``(seed, j, label)``. For a given ``seed``,
+    its own stream seeded by ``(seed, j, label)``, except the basal (normal) noise, which
+    every row of block ``j`` shares (common random numbers, see :class:`_RowStream`).
+    For a given ``seed``,
     ``num_particles`` and ``particle_batch``, a label's ATE is therefore bit-identical
     whatever the treatment batching (``treatment_batch``, ``memory_mb``, threads) and
     whichever other labels are asked; the ATE of the control label is exactly 0.
@@ -504,7 +516,10 @@ def model_ate(
                     batch = spec.request_batch(chunk, library, device=device)
                     streams = None
                     if sampler == "rows":
-                        streams = _RowStreams([_RowStream(_row_seed(seed, block, lab), device) for lab in chunk], pool)
+                        shared = np.random.SeedSequence([int(seed) % 2**63, block, 1])
+                        streams = _RowStreams(
+                            [_RowStream(_row_seed(seed, block, lab), device, shared) for lab in chunk], pool
+                        )
                     # the model's own dosage is the control's; the intervention sets each row's
                     intervened = poutine.do(_DosageSite(model, streams), data={"d": batch.d})
                     base = replace(batch, d=torch.zeros_like(batch.d))
