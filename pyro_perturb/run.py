@@ -282,14 +282,14 @@ def fit(
             read minibatch by minibatch and never loaded whole (out-of-core training;
             see ``shuffle_block_size`` for faster reads). Default: as the resumed run,
             else in memory.
-
-    Launched by ``torchrun`` (``WORLD_SIZE`` > 1), it starts the process group and
-    trains data-parallel (:mod:`pyro_perturb.infer.distributed`); only rank 0 writes
-    ``out``.
         **settings: data options (``perturbation_key``, ``control``, ``covariate_keys``,
             ``layer``, ``split_key``, ``combination_separator``, ``dose_key``), model
             hyperparameters (e.g. ``n_latent``) and training settings
             (:class:`~pyro_perturb.infer.TrainConfig`).
+
+    Launched by ``torchrun`` (``WORLD_SIZE`` > 1), it starts the process group and
+    trains data-parallel (:mod:`pyro_perturb.infer.distributed`); only rank 0 writes
+    ``out``.
     """
     entry = get_entry(model)
     data_options = {k: settings.pop(k) for k in DATA_KEYS if k in settings}

@@ -187,6 +187,12 @@ def optimizer_params(optimizer) -> list[torch.Tensor]:
     return [p for g in optimizer.param_groups for p in g["params"]]
 
 
+def distribution_checks(enabled: bool):
+    """Context: Pyro's distribution checks as they are when ``enabled`` (a user who
+    switched them off globally keeps them off), off otherwise."""
+    return contextlib.nullcontext() if enabled else pyro.validation_enabled(False)
+
+
 def training_step(
     model, guide, batch, elbo, optimizer, clip_norm=None, aux=None, adversary_optimizer=None,
     validate_distributions: bool = True,
@@ -199,8 +205,7 @@ def training_step(
     ``bench/train_throughput.py`` times this function.
     """
     try:
-        # validation_enabled(True) would force checks a user switched off globally
-        with pyro.validation_enabled(False) if not validate_distributions else contextlib.nullcontext():
+        with distribution_checks(validate_distributions):
             loss = elbo.differentiable_loss(model, guide, batch)
             if aux is not None:
                 loss = loss + aux(guide, batch)
@@ -217,7 +222,7 @@ def training_step(
         torch.nn.utils.clip_grad_norm_(optimizer_params(optimizer), clip_norm)
     optimizer.step()
     if adversary_optimizer is not None:
-        with pyro.validation_enabled(False) if not validate_distributions else contextlib.nullcontext():
+        with distribution_checks(validate_distributions):
             adv_loss = model.adversary_loss(guide, batch)
         adversary_optimizer.zero_grad(set_to_none=True)
         adv_loss.backward()
@@ -251,7 +256,7 @@ def validation_loss(
             batch = data.batch(idx[pos], n_cells=len(idx), positions=pos, device=device)
             # the plate scales the batch's local terms by n / B; weighting by B / n
             # makes the sum over batches count the global terms exactly once
-            with pyro.validation_enabled(False) if not cfg.validate_distributions else contextlib.nullcontext():
+            with distribution_checks(cfg.validate_distributions):
                 loss = elbo.loss(model, guide, batch)
             total += float(loss) * batch.size / batch.n_cells
     (total,) = all_reduce_sum([total], ctx, device)
