@@ -190,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("kind", choices=sorted(SIMULATORS))
     p.add_argument("--out", required=True, help="output .h5ad")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="size option, e.g. n_genes=50 (repeatable)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="simulator option, e.g. n_genes=50 or depth=shallow (repeatable)")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("fit", help="train a model and write a run directory")

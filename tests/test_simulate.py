@@ -252,6 +252,7 @@ def test_combinatorial_ate(comb_data):
     gt = comb_data.uns["ground_truth"]
     ate = gt["ate"]
     assert ate.dtype == np.float32 and ate.shape == (8 + 10, 50)
+    assert gt["ate_observed_depth"].dtype == np.float32 and gt["ate_observed_depth"].shape == ate.shape
     assert list(gt["ate_labels"]) == list(gt["perturbations"]) + list(gt["doubles"])
     assert np.all(np.abs(ate[8:]).max(axis=1) > 0.1)  # doubles have real effects
     # the true ATE agrees with the data ATE of the simulated cells (library ~3000, not 1e4)
@@ -317,6 +318,75 @@ def test_combinatorial_defaults_no_zero_genes():
 def test_combinatorial_rejects_bad_arguments(kwargs):
     with pytest.raises(ValueError):
         sim.combinatorial(**{**SMALL_COMB, "n_ate_draws": 10, **kwargs})
+
+
+def test_combinatorial_depth_presets_and_overrides():
+    small = {**SMALL_COMB, "n_ate_draws": 20}
+    shallow = sim.combinatorial(**small, depth="shallow", seed=0)
+    params = shallow.uns["ground_truth"]["params"]
+    assert params["depth"] == "shallow"
+    for key, value in sim.DEPTH_PRESETS["shallow"].items():
+        assert params[key] == value
+    libraries = np.asarray(shallow.X.sum(axis=1)).ravel()
+    assert 120 < np.median(libraries) < 180  # LogNormal around 150, minus NB noise
+    assert 0.45 < np.std(np.log(libraries)) < 0.8
+    # explicit arguments win over the preset; "standard" is the default
+    override = sim.combinatorial(**small, depth="shallow", library_size=600, seed=0)
+    assert override.uns["ground_truth"]["params"]["library_size"] == 600
+    assert override.uns["ground_truth"]["params"]["shift_sd"] == 0.5
+    standard = sim.combinatorial(**small, depth="standard", seed=0)
+    default = sim.combinatorial(**small, seed=0)
+    assert (standard.X != default.X).nnz == 0
+    np.testing.assert_array_equal(
+        standard.uns["ground_truth"]["ate_observed_depth"], default.uns["ground_truth"]["ate_observed_depth"]
+    )
+    for bad in ("deep", 3, ["shallow"]):
+        with pytest.raises(ValueError, match="depth"):
+            sim.combinatorial(**small, depth=bad)
+
+
+def test_combinatorial_observed_depth_ate_matches_shallow_data():
+    """At ~150 UMIs per cell the data ATE (normalise to 1e4, log2(1 + x), mean minus
+    control's) estimates the depth-matched truth, not the truth at library 1e4."""
+    adata = sim.combinatorial(
+        depth="shallow", shift_sd=1.5,  # shallow libraries, effects large enough to compare
+        n_latent=4, n_singles=3, n_doubles=0, cells_per_perturbation=4000, n_control_cells=4000,
+        n_genes=40, hidden=16, n_ate_draws=4000, seed=0,
+    )
+    gt = adata.uns["ground_truth"]
+    deep, matched = gt["ate"].astype(np.float64), gt["ate_observed_depth"].astype(np.float64)
+    assert matched.shape == deep.shape == (3, 40)
+    lognorm = _lognorm(adata)
+    labels = _labels(adata)
+    control = lognorm[labels == "control"].mean(axis=0)
+    data_ate = np.stack([lognorm[labels == l].mean(axis=0) - control for l in gt["ate_labels"]])
+
+    def slope(truth):  # least squares of the data ATE on a truth, through the origin
+        return float(np.sum(data_ate * truth) / np.sum(truth * truth))
+
+    def rmse(truth):
+        return float(np.sqrt(np.mean((data_ate - truth) ** 2)))
+
+    # the depth-matched truth is the data's scale; at 1e4 the effects are ~1.4x smaller
+    assert 0.9 < slope(matched) < 1.1
+    assert slope(deep) > 1.25
+    assert rmse(matched) < 0.7 * rmse(deep)
+    # and the residual is sampling noise: about sd(log-normalised cell) * sqrt(2 / 4000)
+    noise = lognorm[labels == "control"].std(axis=0).mean() * np.sqrt(2 / 4000)
+    assert rmse(matched) < 1.5 * noise
+
+
+def test_combinatorial_shallow_from_cli(tmp_path):
+    from pyro_perturb.cli import main
+
+    out = tmp_path / "shallow.h5ad"
+    sets = ["--set", "depth=shallow", "--set", "n_singles=3", "--set", "n_doubles=1",
+            "--set", "cells_per_perturbation=20", "--set", "n_control_cells=40", "--set", "n_genes=30",
+            "--set", "n_ate_draws=20"]
+    assert main(["simulate", "combinatorial", "--out", str(out), *sets]) == 0
+    gt = ad.read_h5ad(out).uns["ground_truth"]
+    assert gt["params"]["depth"] == "shallow" and gt["params"]["library_size"] == 150
+    assert gt["ate_observed_depth"].shape == gt["ate"].shape == (4, 30)
 
 
 # ------------------------------------------------------------------------ factorized

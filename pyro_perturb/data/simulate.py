@@ -53,6 +53,7 @@ from pyro_perturb.data.splits import (
 
 __all__ = [
     "CONTROL",
+    "DEPTH_PRESETS",
     "sparse_shift",
     "combinatorial",
     "factorized",
@@ -77,6 +78,15 @@ _CALIBRATION_CELLS = 4096
 # Rows of z decoded and sampled at once: bounds memory for large simulations.
 _CHUNK_ELEMENTS = 4_000_000
 _LIKELIHOODS = ("nb", "poisson")
+
+#: Depth presets of :func:`combinatorial` (``depth=``): library median, log-library sd and
+#: effect size. "standard" is the historical default; "shallow" matches shallow public
+#: CRISPR screens (median 130-190 UMIs over 300-450 genes, log-library sd 0.55-0.7, and
+#: mostly weak perturbation effects).
+DEPTH_PRESETS: dict[str, dict[str, float]] = {
+    "standard": {"library_size": 3000, "library_log_sd": 0.3, "shift_sd": 1.5},
+    "shallow": {"library_size": 150, "library_log_sd": 0.6, "shift_sd": 0.5},
+}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -280,9 +290,12 @@ def _monte_carlo_mean_lognorm(
     decoder: dict[str, Any],
     z: np.ndarray,
     theta: np.ndarray | None,
-    library: float,
+    library: float | np.ndarray,
 ) -> np.ndarray:
-    """Mean over axis -2 of log2(1 + counts normalised to 1e4) for z of shape (k, n, L)."""
+    """Mean over axis -2 of log2(1 + counts normalised to 1e4) for z of shape (k, n, L).
+
+    ``library`` is one library size for every cell, or (n, 1) per-cell library sizes.
+    """
     mean = decoder_proportions(decoder, z) * library
     counts = _sample_counts(rng, mean, theta).astype(np.float64)
     total = np.maximum(counts.sum(axis=-1, keepdims=True), 1.0)
@@ -296,6 +309,7 @@ def true_ate(
     n_draws: int = 2000,
     library: float = 1e4,
     seed: int = 0,
+    library_log_sd: float = 0.0,
 ) -> np.ndarray:
     """Average treatment effects of the true generator ``z = z_basal + shift``, by Monte Carlo.
 
@@ -307,31 +321,48 @@ def true_ate(
     difference). Fits :func:`sparse_shift` and :func:`combinatorial`, whose controls are
     ``z ~ N(0, I)``.
 
+    The statistic depends on sequencing depth: at a shallow depth the normalised counts
+    are coarse (a gene with 1 of 150 UMIs jumps to log2(1 + 1e4 / 150)) and zeros are
+    common, so the ATE at 150 UMIs per cell differs from the ATE at 1e4 even for the
+    same generator. With ``library_log_sd > 0`` each draw gets its own library size
+    ``library * exp(library_log_sd * N(0, 1))`` (the same for every label: common random
+    numbers again), as the simulators draw cells' libraries: with the simulation's
+    ``library_size`` and ``library_log_sd`` this is the ATE that the simulated cells' own
+    data estimate. With ``library_log_sd = 0`` no library is drawn, and the result is the
+    same as before that option existed.
+
     Args:
         decoder: ``ground_truth["decoder"]``.
         shifts: (n_labels, n_latent) latent shift of each label.
         theta: (n_genes,) inverse dispersion, or None for Poisson counts.
         n_draws: cells drawn per label.
-        library: fixed library size.
+        library: library size (the median one when ``library_log_sd > 0``).
         seed: random seed.
+        library_log_sd: sd of the log library size over draws (0: fixed ``library``).
 
     Returns:
         (n_labels, n_genes) float32 ATE.
     """
     shifts = np.atleast_2d(np.asarray(shifts, dtype=np.float64))
     n_draws = _check_int("n_draws", n_draws, 1)
+    library = _check_positive("library", library)
+    library_log_sd = _check_positive("library_log_sd", library_log_sd, allow_zero=True)
     n_labels, n_latent = shifts.shape
     n_genes = decoder[f"bias_{int(decoder['n_layers']) - 1}"].shape[0]
     rng_basal, rng_counts = _rngs(seed, 2)
     z_basal = rng_basal.standard_normal((n_draws, n_latent))
-    control = _monte_carlo_mean_lognorm(rng_counts, decoder, z_basal[None], theta, library)[0]
+    libraries: float | np.ndarray = library
+    if library_log_sd > 0:
+        # drawn after z_basal from the same stream, so z_basal is the fixed-library one
+        libraries = library * np.exp(library_log_sd * rng_basal.standard_normal((n_draws, 1)))
+    control = _monte_carlo_mean_lognorm(rng_counts, decoder, z_basal[None], theta, libraries)[0]
     ate = np.empty((n_labels, n_genes), dtype=np.float64)
     # vectorised over labels too, in chunks that keep (k, n_draws, n_genes) arrays small
     per_chunk = max(1, _CHUNK_ELEMENTS // (n_draws * max(n_genes, 1)))
     for start in range(0, n_labels, per_chunk):
         stop = min(start + per_chunk, n_labels)
         z = z_basal[None, :, :] + shifts[start:stop, None, :]
-        ate[start:stop] = _monte_carlo_mean_lognorm(rng_counts, decoder, z, theta, library) - control
+        ate[start:stop] = _monte_carlo_mean_lognorm(rng_counts, decoder, z, theta, libraries) - control
     return ate.astype(np.float32)
 
 
@@ -485,15 +516,16 @@ def combinatorial(
     n_control_cells: int = 500,
     n_genes: int = 200,
     mask_prob: float = 0.2,
-    shift_sd: float = 1.5,
+    shift_sd: float | None = None,
     hidden: int = 64,
     likelihood: str = "nb",
-    library_size: float = 3000,
+    library_size: float | None = None,
     frac_combinations_train: float | None = None,
     seed: int = 0,
     *,
     n_ate_draws: int = 2000,
-    library_log_sd: float = 0.3,
+    library_log_sd: float | None = None,
+    depth: str | None = None,
     dispersion: float = 5.0,
     dispersion_log_sd: float = 0.5,
     logit_sd: float = 1.0,
@@ -516,8 +548,23 @@ def combinatorial(
     n_doubles x L), ``"ate_labels"`` (singles then doubles) and ``"ate"`` (float32,
     n_labels x n_genes): the true average treatment effect (normalise to 1e4 counts,
     log2(1 + x), treated mean minus control mean), by Monte Carlo from the true generator
-    at library 1e4 with ``n_ate_draws`` cells per label (:func:`true_ate`).
-    ``obsm["z_basal_true"]`` holds the basal latents.
+    at library 1e4 with ``n_ate_draws`` cells per label (:func:`true_ate`), and
+    ``"ate_observed_depth"`` (same shape and labels): the same statistic at the simulated
+    cells' own depth, each Monte Carlo cell with a library drawn like the simulated ones
+    (``LogNormal(log library_size, library_log_sd)``). The two differ, the more so the
+    shallower the data: the data ATE of the simulated counts (normalised to 1e4, log2(1 + x),
+    a label's mean minus control's) estimates ``"ate_observed_depth"``, not ``"ate"``.
+    Both use the same basal draws. ``obsm["z_basal_true"]`` holds the basal latents.
+
+    Depth presets (``depth``): ``None`` or ``"standard"`` is library median 3000,
+    ``library_log_sd`` 0.3, ``shift_sd`` 1.5. ``"shallow"`` mimics shallow real CRISPR
+    screens over a few hundred genes: library median 150 UMIs, ``library_log_sd`` 0.6 (the
+    spread of real shallow libraries) and small effects, ``shift_sd`` 0.5 (with 100 cells
+    per label, the pseudobulk deltas of two halves of a label's cells correlate about 0.1,
+    as in such screens). A preset only fills ``library_size``, ``library_log_sd`` and
+    ``shift_sd`` when they are not passed; explicit values win. E.g.
+    ``combinatorial(depth="shallow", n_genes=300)`` or, from the command line,
+    ``pyro-perturb simulate combinatorial --set depth=shallow --set n_genes=300``.
 
     Splits: by default a random 64 / 16 / 20 % train / val / test split of the cells. If
     ``frac_combinations_train`` is given, the result of
@@ -532,19 +579,30 @@ def combinatorial(
         n_control_cells: control cells.
         n_genes: genes G.
         mask_prob: probability that a single targets a given latent.
-        shift_sd: sd of the effect embedding E.
+        shift_sd: sd of the effect embedding E (the effect size); default from ``depth``.
         hidden: decoder width.
         likelihood: "nb" or "poisson".
-        library_size: median library size.
+        library_size: median library size; default from ``depth``.
         frac_combinations_train: None (random split) or a fraction in [0, 1].
         seed: random seed.
-        n_ate_draws: Monte Carlo cells per label for the true ATE.
-        library_log_sd, dispersion, dispersion_log_sd, logit_sd: as in :func:`sparse_shift`.
+        n_ate_draws: Monte Carlo cells per label for each true ATE.
+        library_log_sd: sd of log library size; default from ``depth``.
+        depth: ``None``, ``"standard"`` or ``"shallow"``: the preset of the three above.
+        dispersion, dispersion_log_sd, logit_sd: as in :func:`sparse_shift`.
 
     Returns:
         AnnData of the common contract.
     """
-    params = _params(dict(locals()))
+    arguments = dict(locals())
+    if depth is not None and (not isinstance(depth, str) or depth not in DEPTH_PRESETS):
+        raise ValueError(f"depth must be None or one of {sorted(DEPTH_PRESETS)}, got {depth!r}")
+    preset = DEPTH_PRESETS[depth or "standard"]
+    shift_sd = preset["shift_sd"] if shift_sd is None else shift_sd
+    library_size = preset["library_size"] if library_size is None else library_size
+    library_log_sd = preset["library_log_sd"] if library_log_sd is None else library_log_sd
+    # the recorded params hold the values used (same keys and order as without presets)
+    arguments.update(shift_sd=shift_sd, library_size=library_size, library_log_sd=library_log_sd)
+    params = _params(arguments)
     n_latent = _check_int("n_latent", n_latent, 1)
     n_singles = _check_int("n_singles", n_singles, 1)
     n_doubles = _check_int("n_doubles", n_doubles, 0)
@@ -604,8 +662,11 @@ def combinatorial(
     x = _simulate_counts(rng_counts, z, decoder, theta_used, library_size, library_log_sd)
 
     label_shifts = np.vstack([shifts, double_shifts])
-    ate = true_ate(
-        decoder, label_shifts, theta_used, n_draws=n_ate_draws, seed=int(rng_ate.integers(2**32))
+    ate_seed = int(rng_ate.integers(2**32))
+    ate = true_ate(decoder, label_shifts, theta_used, n_draws=n_ate_draws, seed=ate_seed)
+    ate_observed_depth = true_ate(
+        decoder, label_shifts, theta_used, n_draws=n_ate_draws, library=library_size,
+        library_log_sd=library_log_sd, seed=ate_seed,
     )
 
     ground_truth: dict[str, Any] = {
@@ -618,6 +679,7 @@ def combinatorial(
         "doubles": doubles,
         "double_shifts": double_shifts.reshape(n_doubles, n_latent),
         "ate": ate,
+        "ate_observed_depth": ate_observed_depth,
         "ate_labels": names + doubles,
         "decoder": decoder,
         "library_size": library_size,
