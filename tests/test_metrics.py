@@ -11,13 +11,21 @@ import pytest
 from pyro_perturb.evaluate.metrics import (
     ate_metrics,
     clustering_scores,
+    de_direction_agreement,
     de_genes,
+    de_overlap,
     dhsic,
+    discrimination_score,
     group_r2,
     iwelbo_summary,
     linear_r2,
+    mae,
     match_latents,
     mcc,
+    mse,
+    pearson_delta,
+    perturbation_metrics,
+    pseudobulk_delta,
     target_identification,
 )
 
@@ -379,3 +387,205 @@ def test_iwelbo_summary():
     assert out["mean"] == 2.5 and out["n"] == 4
     assert out["sem"] == pytest.approx(np.std([1, 2, 3, 4], ddof=1) / 2)
     assert np.isnan(iwelbo_summary([1.0])["sem"])
+
+
+# ------------------------------------------------------------- perturbation prediction
+# Two perturbations x 4 genes. Row 0: x = [1, 2, 3, 4], y = [1, 3, 2, 4]: centred
+# dx = [-1.5, -.5, .5, 1.5], dy = [-1.5, .5, -.5, 1.5], sum dx dy = 4, sum dx^2 = sum dy^2
+# = 5, r = 0.8. Row 1: x = [0, -2, 2, 0], y = [0, -1, 0, 1] (both mean 0): sum xy = 2,
+# sum x^2 = 8, sum y^2 = 2, r = 2 / 4 = 0.5.
+OBS_DELTA = np.array([[1.0, 2.0, 3.0, 4.0], [0.0, -2.0, 2.0, 0.0]])
+PRED_DELTA = np.array([[1.0, 3.0, 2.0, 4.0], [0.0, -1.0, 0.0, 1.0]])
+
+
+def test_pseudobulk_delta_uses_each_sides_control():
+    observed = np.array([[2.0, 3.0, 4.0, 5.0], [1.0, -1.0, 3.0, 1.0]])
+    predicted = np.array([[3.0, 5.0, 4.0, 6.0], [2.0, 1.0, 2.0, 3.0]])
+    np.testing.assert_allclose(pseudobulk_delta(observed, [1.0, 1.0, 1.0, 1.0]), OBS_DELTA)
+    np.testing.assert_allclose(pseudobulk_delta(predicted, [2.0, 2.0, 2.0, 2.0]), PRED_DELTA)
+    with pytest.raises(ValueError, match=r"control has shape \(3,\)"):
+        pseudobulk_delta(observed, np.zeros(3))
+
+
+def test_pearson_delta_hand_values_and_constant_rows():
+    np.testing.assert_allclose(pearson_delta(OBS_DELTA, PRED_DELTA), [0.8, 0.5])
+    # a constant row on either side has no correlation: NaN, without a warning
+    obs = np.vstack([OBS_DELTA, [5.0, 5.0, 5.0, 5.0], [1.0, 2.0, 3.0, 4.0]])
+    pred = np.vstack([PRED_DELTA, [1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 0.0]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = pearson_delta(obs, pred)
+    np.testing.assert_allclose(r[:2], [0.8, 0.5])
+    assert np.isnan(r[2]) and np.isnan(r[3])
+    # agrees with scipy on random rows
+    from scipy.stats import pearsonr
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(3, 7)), rng.normal(size=(3, 7))
+    np.testing.assert_allclose(pearson_delta(a, b), [pearsonr(x, y)[0] for x, y in zip(a, b)])
+    with pytest.raises(ValueError, match=r"\(2, 4\).*\(2, 3\)"):
+        pearson_delta(OBS_DELTA, PRED_DELTA[:, :3])
+
+
+def test_mse_and_mae_hand_values():
+    # differences pred - obs: row 0 [0, 1, -1, 0], row 1 [0, 1, -2, 1]
+    np.testing.assert_allclose(mse(OBS_DELTA, PRED_DELTA), [0.5, 1.5])
+    np.testing.assert_allclose(mae(OBS_DELTA, PRED_DELTA), [0.5, 1.0])
+
+
+def test_de_overlap_hand_values_and_ties():
+    # n=2. Row 0: top |obs| genes {3, 2}, top |pred| {3, 1}: 1/2. Row 1: |obs| = [0, 2, 2, 0]
+    # ties -> lower index: {1, 2}; |pred| = [0, 1, 0, 1]: {1, 3}: 1/2.
+    np.testing.assert_allclose(de_overlap(OBS_DELTA, PRED_DELTA, 2), [0.5, 0.5])
+    # n=1: {3} vs {3}; {1} vs {1} (both ties broken to the lower index)
+    np.testing.assert_allclose(de_overlap(OBS_DELTA, PRED_DELTA, 1), [1.0, 1.0])
+    np.testing.assert_allclose(de_overlap(OBS_DELTA, PRED_DELTA, 4), [1.0, 1.0])
+    # significance masks, as cell-eval's FDR filter. Row 0: observed DE {0, 1} ranked [1, 0];
+    # predicted DE {0, 1, 3} ranked by |pred| [3, 1, 0]. n=None -> k = 2 observed genes:
+    # {1, 0} & {3, 1} = {1}: 1/2; n=1 -> {1} & {3}: 0. Row 1: no observed DE gene -> 0.0.
+    obs_de = np.array([[True, True, False, False], [False, False, False, False]])
+    pred_de = np.array([[True, True, False, True], [True, True, True, True]])
+    np.testing.assert_allclose(
+        de_overlap(OBS_DELTA, PRED_DELTA, None, observed_de=obs_de, predicted_de=pred_de), [0.5, 0.0]
+    )
+    np.testing.assert_allclose(
+        de_overlap(OBS_DELTA, PRED_DELTA, 1, observed_de=obs_de, predicted_de=pred_de), [0.0, 0.0]
+    )
+    # n larger than the observed DE set: k = that set's size (row 0: 2 genes, as n=None)
+    np.testing.assert_allclose(
+        de_overlap(OBS_DELTA, PRED_DELTA, 3, observed_de=obs_de, predicted_de=pred_de), [0.5, 0.0]
+    )
+    # a predicted list shorter than k: row 0 with one predicted DE gene (3): 0 / 2
+    one = np.array([[False, False, False, True], [True] * 4])
+    np.testing.assert_allclose(
+        de_overlap(OBS_DELTA, PRED_DELTA, None, observed_de=obs_de, predicted_de=one), [0.0, 0.0]
+    )
+
+
+def test_de_metrics_bad_n():
+    with pytest.raises(ValueError, match=r"n=5 exceeds the number of genes \(4\)"):
+        de_overlap(OBS_DELTA, PRED_DELTA, 5)
+    with pytest.raises(ValueError, match=r"n=5 exceeds"):
+        de_direction_agreement(OBS_DELTA, PRED_DELTA, 5)
+    with pytest.raises(ValueError, match="observed_de"):
+        de_overlap(OBS_DELTA, PRED_DELTA, None)
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        de_overlap(OBS_DELTA, PRED_DELTA, 0)
+    with pytest.raises(ValueError, match=r"observed_de has shape \(4,\)"):
+        de_overlap(OBS_DELTA, PRED_DELTA, 2, observed_de=np.ones(4, dtype=bool))
+    with pytest.raises(ValueError, match="boolean"):
+        de_overlap(OBS_DELTA, PRED_DELTA, 2, observed_de=np.full((2, 4), 0.5))
+
+
+def test_de_direction_agreement_hand_values():
+    # n=2. Row 0: genes {3, 2}, obs signs (+, +), pred (4, 2): both agree -> 1.
+    # Row 1: genes {1, 2}: obs (-2, +2), pred (-1, 0): sign 0 disagrees with + -> 1/2.
+    np.testing.assert_allclose(de_direction_agreement(OBS_DELTA, PRED_DELTA, 2), [1.0, 0.5])
+    # all four genes: row 0 all positive on both sides -> 1; row 1 obs signs (0, -, +, 0),
+    # pred (0, -, 0, +): agree on genes 0 and 1 -> 2/4
+    np.testing.assert_allclose(de_direction_agreement(OBS_DELTA, PRED_DELTA, 4), [1.0, 0.5])
+    # observed DE mask; a row without observed DE genes is NaN (left out of means)
+    obs_de = np.array([[True, True, False, False], [False, False, False, False]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = de_direction_agreement(OBS_DELTA, -PRED_DELTA, None, observed_de=obs_de)
+    assert out[0] == 0.0 and np.isnan(out[1])
+
+
+# Discrimination: observed deltas A = [0, 0], B = [2, 0], C = [0, 2] (G = 2).
+DISC_OBS = np.array([[0.0, 0.0], [2.0, 0.0], [0.0, 2.0]])
+DISC_PRED = np.array([[0.5, 0.0], [0.0, 1.5], [1.0, 1.0]])
+
+
+def test_discrimination_score_l1_l2_hand_values_and_ties():
+    # L1 distances of each prediction to (A, B, C):
+    #   pred A: (0.5, 1.5, 2.5) -> A is closest, rank 0: 1 - 0/3 = 1
+    #   pred B: (1.5, 3.5, 0.5) -> order C, A, B: rank 2: 1 - 2/3 = 1/3
+    #   pred C: (2, 2, 2)       -> a three-way tie: average rank 1 -> 2/3; min 0 -> 1; max 2 -> 1/3
+    np.testing.assert_allclose(discrimination_score(DISC_OBS, DISC_PRED, "l1"), [1.0, 1 / 3, 2 / 3])
+    np.testing.assert_allclose(discrimination_score(DISC_OBS, DISC_PRED, "l1", ties="min"), [1.0, 1 / 3, 1.0])
+    np.testing.assert_allclose(discrimination_score(DISC_OBS, DISC_PRED, "l1", ties="max"), [1.0, 1 / 3, 1 / 3])
+    # L2: pred A (0.5, 1.5, 2.06), pred B (1.5, 2.5, 0.5), pred C (sqrt 2 three times)
+    np.testing.assert_allclose(discrimination_score(DISC_OBS, DISC_PRED, "l2"), [1.0, 1 / 3, 2 / 3])
+
+
+def test_discrimination_score_cosine_zero_vector_and_exclude():
+    # cosine: A = 0 has similarity 0 with anything (distance 1, as sklearn). pred A = [.5, 0]:
+    # distances (1, 0, 1): B closer, C tied -> rank 1 + 1/2 -> 1 - 1.5/3 = 0.5.
+    # pred B = [0, 1.5]: (1, 1, 0) -> C closer, A tied -> 0.5. pred C = [1, 1]:
+    # (1, 1 - 1/sqrt 2, 1 - 1/sqrt 2): none closer, B tied -> rank 0.5 -> 1 - 0.5/3 = 5/6.
+    np.testing.assert_allclose(discrimination_score(DISC_OBS, DISC_PRED, "cosine"), [0.5, 0.5, 5 / 6])
+    # exclude gene 0 when scoring B: only gene 1 counts, pred B 1.5 vs (0, 0, 2) in L1:
+    # (1.5, 1.5, 0.5): C closer, A tied -> rank 1.5 -> 0.5; rows A and C unchanged
+    exclude = np.zeros((3, 2), dtype=bool)
+    exclude[1, 0] = True
+    np.testing.assert_allclose(
+        discrimination_score(DISC_OBS, DISC_PRED, "l1", exclude=exclude), [1.0, 0.5, 2 / 3]
+    )
+    with pytest.raises(ValueError, match="no gene"):
+        discrimination_score(DISC_OBS, DISC_PRED, exclude=np.ones((3, 2), dtype=bool))
+    with pytest.raises(ValueError, match="metric"):
+        discrimination_score(DISC_OBS, DISC_PRED, "l3")
+    with pytest.raises(ValueError, match="ties"):
+        discrimination_score(DISC_OBS, DISC_PRED, ties="first")
+
+
+def test_discrimination_score_matches_sorting_without_ties():
+    from sklearn.metrics import pairwise_distances
+
+    rng = np.random.default_rng(1)
+    obs = rng.normal(size=(6, 9))
+    pred = obs + rng.normal(scale=1.0, size=obs.shape)
+    for metric, sk_metric in (("l1", "manhattan"), ("l2", "euclidean"), ("cosine", "cosine")):
+        expected = []
+        for p in range(6):
+            dist = pairwise_distances(obs, pred[p : p + 1], metric=sk_metric).ravel()
+            rank = int(np.flatnonzero(np.argsort(dist) == p)[0])
+            expected.append(1 - rank / 6)
+        np.testing.assert_allclose(discrimination_score(obs, pred, metric), expected)
+    # perfect predictions rank first
+    np.testing.assert_allclose(discrimination_score(obs, obs), 1.0)
+
+
+def test_perturbation_metrics_averages_hand_values():
+    obs_ctrl = np.array([1.0, 1.0, 1.0, 1.0])
+    pred_ctrl = np.array([1.0, 1.0, 1.0, 2.0])
+    out = perturbation_metrics(
+        OBS_DELTA, PRED_DELTA, observed_control=obs_ctrl, predicted_control=pred_ctrl,
+        n_de=(1, 2), per_perturbation=True,
+    )
+    assert out["pearson_delta"] == pytest.approx(0.65)
+    assert out["mse_delta"] == pytest.approx(1.0) and out["mae_delta"] == pytest.approx(0.75)
+    # profiles differ by the deltas' difference plus the controls' (0, 0, 0, 1):
+    # row 0 [0, 1, -1, 1] -> mse 3/4, mae 3/4; row 1 [0, 1, -2, 2] -> mse 9/4, mae 5/4
+    assert out["mse"] == pytest.approx(1.5) and out["mae"] == pytest.approx(1.0)
+    assert out["overlap_at_1"] == 1.0 and out["overlap_at_2"] == 0.5
+    assert out["de_direction_match_at_2"] == pytest.approx(0.75)
+    # discrimination with 2 perturbations, L1: pred 0 -> (2, 10): 1; pred 1 -> (10, 4): 1
+    assert out["discrimination_score_l1"] == 1.0
+    assert out["pearson_delta_undefined"] == 0 and out["n_perturbations"] == 2
+    np.testing.assert_allclose(out["per_perturbation"]["pearson_delta"], [0.8, 0.5])
+    assert "overlap_at_N" not in out
+    # with an observed DE mask: overlap_at_N and de_direction_match over the mask
+    obs_de = np.array([[True, True, False, False], [False, True, True, False]])
+    out = perturbation_metrics(OBS_DELTA, PRED_DELTA, n_de=(), observed_de=obs_de, distance="l2")
+    # row 0: {1, 0} vs {3, 1}: 1/2; row 1: {1, 2} vs {1, 3}: 1/2. Directions: row 0 1,
+    # row 1 (-, +) vs (-, 0): 1/2
+    assert out["overlap_at_N"] == 0.5 and out["de_direction_match"] == pytest.approx(0.75)
+    assert "mse" not in out and "discrimination_score_l2" in out
+
+
+def test_perturbation_metrics_nan_pearson_and_bad_input():
+    obs = np.vstack([OBS_DELTA, [1.0, 1.0, 1.0, 1.0]])
+    pred = np.vstack([PRED_DELTA, [1.0, 2.0, 3.0, 4.0]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = perturbation_metrics(obs, pred, n_de=2)
+    assert out["pearson_delta"] == pytest.approx(0.65)  # the NaN row is left out
+    assert out["pearson_delta_undefined"] == 1 and out["n_perturbations"] == 3
+    with pytest.raises(ValueError, match="both observed_control and predicted_control"):
+        perturbation_metrics(OBS_DELTA, PRED_DELTA, observed_control=np.zeros(4))
+    with pytest.raises(ValueError, match="exceeds"):
+        perturbation_metrics(OBS_DELTA, PRED_DELTA, n_de=(20,))
+    with pytest.raises(ValueError, match=r"predicted_control has shape \(3,\)"):
+        perturbation_metrics(OBS_DELTA, PRED_DELTA, observed_control=np.zeros(4), predicted_control=np.zeros(3))

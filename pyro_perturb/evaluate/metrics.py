@@ -8,6 +8,10 @@ Contents (see ``docs/MODELS.md`` sections 2-4):
 - latent recovery: :func:`match_latents`, :func:`mcc`, :func:`linear_r2`;
 - sparse targets: :func:`target_identification`;
 - treatment effects: :func:`ate_metrics`, :func:`group_r2`, :func:`de_genes`;
+- perturbation prediction, with the definitions of the ``cell-eval`` package (Arc
+  Institute): :func:`pseudobulk_delta`, :func:`pearson_delta`, :func:`mse`, :func:`mae`,
+  :func:`de_overlap`, :func:`de_direction_agreement`, :func:`discrimination_score`, and
+  all of them at once, :func:`perturbation_metrics`;
 - clustering and independence of latent blocks: :func:`clustering_scores`, :func:`dhsic`;
 - held-out likelihood summary: :func:`iwelbo_summary`.
 
@@ -35,6 +39,14 @@ __all__ = [
     "ate_metrics",
     "group_r2",
     "de_genes",
+    "pseudobulk_delta",
+    "pearson_delta",
+    "mse",
+    "mae",
+    "de_overlap",
+    "de_direction_agreement",
+    "discrimination_score",
+    "perturbation_metrics",
     "clustering_scores",
     "dhsic",
     "iwelbo_summary",
@@ -425,6 +437,415 @@ def de_genes(group_mean: Any, control_mean: Any, top_n: int = 20) -> np.ndarray:
     _check_finite(g, "group_mean")
     _check_finite(c, "control_mean")
     return _top_abs_indices(g - c, top_n).astype(np.int64)
+
+
+# ------------------------------------------------------------ perturbation prediction
+#
+# The field's metrics for predicted perturbation responses, as the ``cell-eval`` package
+# (Arc Institute, github.com/ArcInstitute/cell-eval, version 0.8) defines them, on
+# pseudobulk arrays instead of AnnData and DE tables. Every delta is taken against its
+# own side's control: observed perturbation minus observed control, predicted
+# perturbation minus predicted control (as cell-eval does; neither side borrows the
+# other's control).
+
+_DISTANCES = ("l1", "l2", "cosine")
+_TIES = ("average", "min", "max")
+
+
+def _profile_matrix(x: Any, name: str) -> np.ndarray:
+    """A finite float (perturbations, genes) matrix; a 1-D (G,) input is one perturbation."""
+    arr = _to_numpy(x, name)
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ValueError(f"{name} must be (perturbations, genes) with both >= 1, got shape {arr.shape}")
+    _check_finite(arr, name)
+    return arr
+
+
+def _observed_predicted(observed: Any, predicted: Any, obs_name: str, pred_name: str):
+    obs = _profile_matrix(observed, obs_name)
+    pred = _profile_matrix(predicted, pred_name)
+    if obs.shape != pred.shape:
+        raise ValueError(
+            f"{obs_name} has shape {obs.shape} and {pred_name} has shape {pred.shape}: "
+            "both must be (perturbations, genes) with the same shape"
+        )
+    return obs, pred
+
+
+def _gene_mask(mask: Any, name: str, shape: tuple[int, int]) -> np.ndarray | None:
+    """None, or a boolean (perturbations, genes) mask (0/1 values accepted)."""
+    if mask is None:
+        return None
+    arr = np.asarray(mask.detach().cpu().numpy() if hasattr(mask, "detach") else mask)
+    if arr.shape != shape:
+        raise ValueError(f"{name} has shape {arr.shape} but the deltas have shape {shape}")
+    if arr.dtype != bool:
+        if not np.issubdtype(arr.dtype, np.number) or not np.all(np.isin(arr, (0, 1))):
+            raise ValueError(f"{name} must be a boolean (perturbations, genes) mask, got dtype {arr.dtype}")
+        arr = arr.astype(bool)
+    return arr
+
+
+def _de_size(n: Any, n_genes: int, observed_de: np.ndarray | None) -> int | None:
+    """Validated ``n`` (None allowed only with a significance mask)."""
+    if n is None:
+        if observed_de is None:
+            raise ValueError(
+                "n=None (every significant gene) needs observed_de: without a significance "
+                "mask every gene would be 'DE' and the metric would be trivially 1"
+            )
+        return None
+    n = _check_positive_int(n, "n")
+    if n > n_genes:
+        raise ValueError(f"n={n} exceeds the number of genes ({n_genes}) in the deltas")
+    return n
+
+
+def _ranked_candidates(values: np.ndarray, candidates: np.ndarray | None) -> list[np.ndarray]:
+    """Per row, the candidate genes (all if None) by decreasing |value|, ties: lower index."""
+    key = -np.abs(values)
+    if candidates is not None:
+        key = np.where(candidates, key, np.inf)
+    order = np.argsort(key, axis=1, kind="stable")
+    counts = values.shape[1] if candidates is None else candidates.sum(axis=1)
+    counts = np.broadcast_to(counts, (values.shape[0],))
+    return [order[p, : counts[p]] for p in range(values.shape[0])]
+
+
+def pseudobulk_delta(profiles: Any, control: Any) -> np.ndarray:
+    """Perturbation effects: each pseudobulk profile minus the control profile.
+
+    Args:
+        profiles: (P, G) pseudobulk (mean) expression of each perturbation's cells, in the
+            space the metrics are computed in (cell-eval: ``normalize_total`` then ``log1p``;
+            this project's ATE: log2(1 + counts normalised to 1e4)); a (G,) array is one.
+        control: (G,) pseudobulk of the control cells **of the same side**: the observed
+            control for observed profiles, the predicted control for predicted ones.
+
+    Returns:
+        (P, G) float array ``profiles - control``.
+    """
+    prof = _profile_matrix(profiles, "profiles")
+    ctrl = _to_numpy(control, "control")
+    if ctrl.shape != (prof.shape[1],):
+        raise ValueError(
+            f"control has shape {ctrl.shape} but profiles has shape {prof.shape}: "
+            f"control must be one profile of shape ({prof.shape[1]},)"
+        )
+    _check_finite(ctrl, "control")
+    return prof - ctrl[None, :]
+
+
+def pearson_delta(observed_delta: Any, predicted_delta: Any) -> np.ndarray:
+    """Per-perturbation Pearson correlation, over genes, of observed and predicted deltas.
+
+    cell-eval's ``pearson_delta``: for each perturbation, ``scipy.stats.pearsonr`` between
+    the predicted delta (predicted pseudobulk minus predicted control) and the observed
+    delta (observed pseudobulk minus observed control), across genes; the reported value
+    is its mean over perturbations (see :func:`perturbation_metrics`).
+
+    Args:
+        observed_delta, predicted_delta: (P, G) deltas (see :func:`pseudobulk_delta`).
+
+    Returns:
+        (P,) float array in [-1, 1]. NaN (explicitly, without warnings) where either row is
+        constant (its spread is at rounding level) or G < 2, where r is undefined (scipy
+        returns NaN there too).
+    """
+    obs, pred = _observed_predicted(observed_delta, predicted_delta, "observed_delta", "predicted_delta")
+    if obs.shape[1] < 2:
+        return np.full(obs.shape[0], np.nan)
+    a = obs - obs.mean(axis=1, keepdims=True)
+    b = pred - pred.mean(axis=1, keepdims=True)
+    norm_a = np.sqrt(np.sum(a * a, axis=1))
+    norm_b = np.sqrt(np.sum(b * b, axis=1))
+    # a row whose spread is at rounding level of its values is constant
+    root_g = np.sqrt(obs.shape[1])
+    const = norm_a <= 1e-10 * np.abs(obs).max(axis=1) * root_g
+    const |= norm_b <= 1e-10 * np.abs(pred).max(axis=1) * root_g
+    safe = np.where(const, 1.0, norm_a * norm_b)
+    r = np.clip(np.sum(a * b, axis=1) / safe, -1.0, 1.0)
+    r[const] = np.nan
+    return r
+
+
+def mse(observed: Any, predicted: Any) -> np.ndarray:
+    """Per-perturbation mean squared error over genes: ``mean_g (pred - obs)^2``.
+
+    cell-eval computes it twice: ``mse`` on the pseudobulk **profiles** (pass the
+    profiles: no control enters) and ``mse_delta`` on the deltas (pass the deltas). Shapes:
+    (P, G) each; returns (P,).
+    """
+    obs, pred = _observed_predicted(observed, predicted, "observed", "predicted")
+    return np.mean((pred - obs) ** 2, axis=1)
+
+
+def mae(observed: Any, predicted: Any) -> np.ndarray:
+    """Per-perturbation mean absolute error over genes: ``mean_g |pred - obs|``.
+
+    As :func:`mse`: cell-eval's ``mae`` on profiles, ``mae_delta`` on deltas. Shapes:
+    (P, G) each; returns (P,).
+    """
+    obs, pred = _observed_predicted(observed, predicted, "observed", "predicted")
+    return np.mean(np.abs(pred - obs), axis=1)
+
+
+def de_overlap(
+    observed_delta: Any,
+    predicted_delta: Any,
+    n: int | None = None,
+    *,
+    observed_de: Any = None,
+    predicted_de: Any = None,
+) -> np.ndarray:
+    """Per-perturbation overlap of the top-``n`` DE genes (cell-eval's ``overlap_at_N``).
+
+    cell-eval's definition: on each side, keep the significant genes (FDR < 0.05 in its
+    Wilcoxon DE table) and rank them by decreasing |log2 fold change|; with
+    ``k = min(n, number of observed significant genes)`` (``n=None``: all of them, the
+    ``overlap_at_N`` of the Virtual Cell Challenge), the score is
+    ``|top_k(observed) & top_k(predicted)| / k``, where the predicted list may be shorter
+    than k (fewer significant predicted genes). A perturbation with ``k = 0`` scores 0.0.
+    It is a recall of the observed top genes; at fixed n it is also a precision.
+
+    Here the ranking is by |``observed_delta``| and |``predicted_delta``| (ties: lower gene
+    index first, as cell-eval's ordinal rank). Pass log2 fold changes to reproduce
+    cell-eval exactly (pdex computes ``log2(mean expm1(x_pert) / mean expm1(x_ctrl))``);
+    deltas of log-expression means rank genes almost the same way. The significance filter
+    is optional: ``observed_de`` / ``predicted_de`` are boolean (P, G) masks of the genes
+    each side calls DE (e.g. FDR < 0.05); without them every gene is a candidate.
+
+    Args:
+        observed_delta, predicted_delta: (P, G) effects (deltas or log fold changes).
+        n: number of top genes, 1 <= n <= G; None (all observed DE genes) needs
+            ``observed_de``.
+        observed_de, predicted_de: optional boolean (P, G) significance masks.
+
+    Returns:
+        (P,) float array in [0, 1].
+
+    Raises:
+        ValueError: ``n`` larger than the number of genes, ``n=None`` without
+            ``observed_de``, or mismatched shapes.
+    """
+    obs, pred = _observed_predicted(observed_delta, predicted_delta, "observed_delta", "predicted_delta")
+    obs_mask = _gene_mask(observed_de, "observed_de", obs.shape)
+    pred_mask = _gene_mask(predicted_de, "predicted_de", obs.shape)
+    n = _de_size(n, obs.shape[1], obs_mask)
+    obs_ranked = _ranked_candidates(obs, obs_mask)
+    pred_ranked = _ranked_candidates(pred, pred_mask)
+    out = np.zeros(obs.shape[0])
+    for p, (obs_genes, pred_genes) in enumerate(zip(obs_ranked, pred_ranked)):
+        k = obs_genes.size if n is None else min(n, obs_genes.size)
+        if k == 0:
+            continue
+        out[p] = np.intersect1d(obs_genes[:k], pred_genes[:k]).size / k
+    return out
+
+
+def de_direction_agreement(
+    observed_delta: Any,
+    predicted_delta: Any,
+    n: int | None = None,
+    *,
+    observed_de: Any = None,
+) -> np.ndarray:
+    """Per-perturbation share of observed DE genes whose predicted change has the same sign.
+
+    cell-eval's ``de_direction_match``: over the genes significant in the observed DE
+    table (FDR < 0.05), the fraction with ``sign(observed log2 FC) == sign(predicted log2
+    FC)`` (a predicted change of exactly 0 has sign 0 and so disagrees with any nonzero
+    observed change); perturbations without observed DE genes are left out of the mean.
+
+    Here the observed DE genes are those of ``observed_de`` (a boolean (P, G) mask, e.g.
+    FDR < 0.05), restricted to the top ``n`` by |observed_delta| when ``n`` is given, or,
+    without a mask, the top ``n`` genes by |observed_delta| (ties: lower index).
+
+    Args:
+        observed_delta, predicted_delta: (P, G) effects (deltas or log fold changes).
+        n: top genes per perturbation, 1 <= n <= G; None (all of ``observed_de``) needs
+            ``observed_de``.
+        observed_de: optional boolean (P, G) mask of the observed DE genes.
+
+    Returns:
+        (P,) float array in [0, 1]; NaN (without warnings) for a perturbation with no
+        observed DE gene.
+    """
+    obs, pred = _observed_predicted(observed_delta, predicted_delta, "observed_delta", "predicted_delta")
+    obs_mask = _gene_mask(observed_de, "observed_de", obs.shape)
+    n = _de_size(n, obs.shape[1], obs_mask)
+    out = np.full(obs.shape[0], np.nan)
+    for p, genes in enumerate(_ranked_candidates(obs, obs_mask)):
+        genes = genes if n is None else genes[:n]
+        if genes.size:
+            out[p] = float(np.mean(np.sign(obs[p, genes]) == np.sign(pred[p, genes])))
+    return out
+
+
+def _distances_to_rows(rows: np.ndarray, x: np.ndarray, metric: str) -> np.ndarray:
+    """Distance from x (G,) to every row of rows (P, G): shape (P,)."""
+    if metric == "l1":
+        return np.sum(np.abs(rows - x[None, :]), axis=1)
+    if metric == "l2":
+        return np.sqrt(np.sum((rows - x[None, :]) ** 2, axis=1))
+    # cosine distance 1 - cos; a zero vector has similarity 0 (distance 1), as sklearn
+    norms = np.sqrt(np.sum(rows * rows, axis=1)) * np.sqrt(np.sum(x * x))
+    dots = rows @ x
+    sim = np.divide(dots, norms, out=np.zeros_like(dots), where=norms > 0)
+    return np.clip(1.0 - sim, 0.0, 2.0)
+
+
+def discrimination_score(
+    observed_delta: Any,
+    predicted_delta: Any,
+    metric: str = "l1",
+    *,
+    exclude: Any = None,
+    ties: str = "average",
+) -> np.ndarray:
+    """Per-perturbation discrimination score: how close each prediction is to its own truth.
+
+    cell-eval's ``discrimination_score_{l1,l2,cosine}`` (the Virtual Cell Challenge's
+    "perturbation discrimination score"): for perturbation p, compute the distance from
+    its predicted delta to the observed delta of every perturbation q (p included), sort
+    ascending, and let ``rank`` be the 0-based position of p itself. The score is
+    ``1 - rank / P``: 1.0 when the true perturbation is the closest, ``1 / P`` when it is
+    the farthest (cell-eval's docstring says 0, its formula gives 1/P), about 0.5 for
+    random predictions. Deltas are signed (cell-eval once took |delta|, since fixed).
+    cell-eval leaves the target gene (the gene named like the perturbation) out by
+    default: pass it in ``exclude``.
+
+    Ties: cell-eval takes the position in ``numpy.argsort``, so among equidistant
+    perturbations the order is the array order, which rewards or punishes a degenerate
+    prediction (e.g. all-zero deltas under cosine) depending on where p sits. Here
+    ``ties="average"`` (default) counts half of the other perturbations at exactly the
+    same distance as p before it (the expected rank under a random tie order), ``"min"``
+    none (optimistic), ``"max"`` all (pessimistic).
+
+    Args:
+        observed_delta, predicted_delta: (P, G) deltas, rows in the same perturbation order.
+        metric: ``"l1"`` (sum of |differences|, cell-eval's default and the challenge's),
+            ``"l2"`` (Euclidean) or ``"cosine"`` (1 - cosine similarity).
+        exclude: optional boolean (P, G) mask: ``exclude[p, g]`` leaves gene g out of every
+            distance used to score perturbation p (e.g. p's own target gene).
+        ties: ``"average"``, ``"min"`` or ``"max"`` (see above).
+
+    Returns:
+        (P,) float array in [1/P, 1].
+    """
+    if metric not in _DISTANCES:
+        raise ValueError(f"metric must be one of {_DISTANCES}, got {metric!r}")
+    if ties not in _TIES:
+        raise ValueError(f"ties must be one of {_TIES}, got {ties!r}")
+    obs, pred = _observed_predicted(observed_delta, predicted_delta, "observed_delta", "predicted_delta")
+    excluded = _gene_mask(exclude, "exclude", obs.shape)
+    n_pert = obs.shape[0]
+    if excluded is not None and np.any(excluded.all(axis=1)):
+        bad = np.flatnonzero(excluded.all(axis=1)).tolist()
+        raise ValueError(f"exclude leaves no gene for perturbation rows {bad}")
+    out = np.empty(n_pert)
+    for p in range(n_pert):
+        keep = slice(None) if excluded is None else ~excluded[p]
+        dist = _distances_to_rows(obs[:, keep], pred[p, keep], metric)
+        closer = np.sum(dist < dist[p])
+        tied_others = np.sum(dist == dist[p]) - 1
+        if ties == "average":
+            rank = closer + 0.5 * tied_others
+        elif ties == "min":
+            rank = closer
+        else:
+            rank = closer + tied_others
+        out[p] = 1.0 - rank / n_pert
+    return out
+
+
+def _nanmean(values: np.ndarray) -> float:
+    """Mean of the finite entries; NaN (without warnings) when there are none."""
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else float("nan")
+
+
+def perturbation_metrics(
+    observed_delta: Any,
+    predicted_delta: Any,
+    *,
+    observed_control: Any = None,
+    predicted_control: Any = None,
+    n_de: Sequence[int] = (20,),
+    observed_de: Any = None,
+    predicted_de: Any = None,
+    distance: str = "l1",
+    exclude: Any = None,
+    per_perturbation: bool = False,
+) -> dict[str, Any]:
+    """cell-eval's perturbation-prediction metrics, averaged over perturbations.
+
+    Args:
+        observed_delta: (P, G) observed pseudobulk minus observed control.
+        predicted_delta: (P, G) predicted pseudobulk minus **predicted** control (each
+            side against its own control; see :func:`pseudobulk_delta`).
+        observed_control, predicted_control: optional (G,) control profiles (both or
+            neither): with them the profiles ``delta + control`` give cell-eval's ``mse``
+            and ``mae`` on pseudobulk profiles.
+        n_de: the n of ``overlap_at_{n}`` and ``de_direction_match_at_{n}`` (each
+            1 <= n <= G). cell-eval reports 50, 100, 200, 500 over ~18,000 genes; over a
+            few hundred genes smaller n are the comparable choice.
+        observed_de, predicted_de: optional boolean (P, G) DE masks (e.g. FDR < 0.05),
+            used by every DE metric; with ``observed_de`` also ``overlap_at_N`` and
+            ``de_direction_match`` over all observed DE genes.
+        distance: metric of the discrimination score (``"l1"``, ``"l2"``, ``"cosine"``).
+        exclude: optional boolean (P, G) genes left out of the discrimination score.
+        per_perturbation: also return every metric per perturbation.
+
+    Returns:
+        dict of floats: ``pearson_delta``, ``mse_delta``, ``mae_delta``, ``mse`` and
+        ``mae`` (with the controls), ``overlap_at_{n}`` and ``de_direction_match_at_{n}``
+        for each n (and ``overlap_at_N``, ``de_direction_match`` with ``observed_de``),
+        ``discrimination_score_{distance}``, each the mean over perturbations of the
+        per-perturbation values of the functions above; NaN values (a constant delta's
+        Pearson r, a perturbation without observed DE genes) are left out of the mean,
+        and ``pearson_delta_undefined`` counts the perturbations whose r is NaN.
+        ``n_perturbations`` (int). With ``per_perturbation``, ``"per_perturbation"``
+        maps each metric name to its (P,) array.
+    """
+    obs, pred = _observed_predicted(observed_delta, predicted_delta, "observed_delta", "predicted_delta")
+    if (observed_control is None) != (predicted_control is None):
+        raise ValueError("pass both observed_control and predicted_control, or neither")
+    if isinstance(n_de, (int, np.integer)):
+        n_de = (n_de,)
+    per: dict[str, np.ndarray] = {}
+    per["pearson_delta"] = pearson_delta(obs, pred)
+    per["mse_delta"] = mse(obs, pred)
+    per["mae_delta"] = mae(obs, pred)
+    if observed_control is not None:
+        obs_ctrl = _to_numpy(observed_control, "observed_control")
+        pred_ctrl = _to_numpy(predicted_control, "predicted_control")
+        for ctrl, name in ((obs_ctrl, "observed_control"), (pred_ctrl, "predicted_control")):
+            if ctrl.shape != (obs.shape[1],):
+                raise ValueError(f"{name} has shape {ctrl.shape}, expected ({obs.shape[1]},) (one per gene)")
+            _check_finite(ctrl, name)
+        per["mse"] = mse(obs + obs_ctrl, pred + pred_ctrl)
+        per["mae"] = mae(obs + obs_ctrl, pred + pred_ctrl)
+    de_sizes: list[int | None] = list(n_de)
+    if observed_de is not None:
+        de_sizes.append(None)
+    for n in de_sizes:
+        label = "N" if n is None else str(n)
+        per[f"overlap_at_{label}"] = de_overlap(
+            obs, pred, n, observed_de=observed_de, predicted_de=predicted_de
+        )
+        direction_key = "de_direction_match" if n is None else f"de_direction_match_at_{n}"
+        per[direction_key] = de_direction_agreement(obs, pred, n, observed_de=observed_de)
+    per[f"discrimination_score_{distance}"] = discrimination_score(obs, pred, distance, exclude=exclude)
+
+    result: dict[str, Any] = {name: _nanmean(values) for name, values in per.items()}
+    result["pearson_delta_undefined"] = int(np.sum(np.isnan(per["pearson_delta"])))
+    result["n_perturbations"] = int(obs.shape[0])
+    if per_perturbation:
+        result["per_perturbation"] = per
+    return result
 
 
 # ---------------------------------------------------------------- clustering and dHSIC
