@@ -2,7 +2,7 @@
 
 Tasks (``--task``):
 
-* ``sim``: the Norman-style combinatorial OOD task (MODELS.md section 4) on
+* ``sim``: the Norman-style combinatorial OOD task (docs/data.md, "Split") on
   ``simulate.combinatorial(seed=s, frac_combinations_train=f)`` (10 true latents, 20
   singles, 30 doubles, 100 cells each, 500 controls, 200 genes; half the doubles held
   out as test, a fraction f of the others kept for training). Each model is trained with
@@ -19,7 +19,7 @@ Tasks (``--task``):
   (mask Jaccard / effect cosine within the group vs between group and other knockouts).
 * ``throughput``: training cells/s (steps only, after warm-up steps) and the model-ATE
   time for 200 treatments x ``--ate-particles`` on a synthetic Replogle-like shape
-  (BENCHMARKS.md: 1,187 genes, batch 512, 5 particles, latent 100, hidden 400).
+  (bench/results/reference_anchors.md: 1,187 genes, batch 512, 5 particles, latent 100, hidden 400).
 
 Each run is written to ``OUT/runs/TASK_MODEL_fF_seedS.json`` as soon as it is done (a
 re-run skips finished ones); ``--summarize`` (also run at the end) writes

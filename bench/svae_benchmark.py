@@ -1,4 +1,4 @@
-"""sVAE-family benchmark on the sparse-mechanism-shift simulator (MODELS.md section 2).
+"""sVAE-family benchmark on the sparse-mechanism-shift simulator (docs/models.md, "sVAE family").
 
 Protocol (the paper's sizes by default): for each seed, ``sparse_shift(seed=seed)`` with 15
 latents, 100 perturbations x 250 cells, 250 control cells, 100 genes, 20 perturbations

@@ -1,6 +1,6 @@
 """The sVAE family on the sparse-mechanism-shift simulator: simulate, train, compare.
 
-Walk-through (MODELS.md section 2):
+Walk-through (docs/models.md, "sVAE family"):
 
 1. ``sparse_shift`` simulates cells whose latent z is shifted, for each perturbation, on
    1-3 of its coordinates only; the ground truth (true z, target matrix) is kept in the

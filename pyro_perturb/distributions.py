@@ -4,10 +4,10 @@
   Gumbel (relaxed Bernoulli) estimator whose ``log_prob`` is the **Bernoulli log-mass of
   the hard value**. Pyro's :class:`~pyro.distributions.RelaxedBernoulliStraightThrough`
   scores the relaxed (unquantised) value with the Gumbel density instead, which is not
-  a log q of the discrete mask and biases the ELBO (MODELS.md section 1, "mask log q").
+  a log q of the discrete mask and biases the ELBO (docs/models.md, "Mask log q").
 * :func:`dosage_offset`: the latent offset ``d @ (E * M)`` for a ``(B, T)`` dosage and
   an effect matrix that may carry particle dimensions (vectorised ELBO particles,
-  IWELBO particles, ``Predictive`` samples: ``(P, 1, T, L)``; MODELS.md section 5).
+  IWELBO particles, ``Predictive`` samples: ``(P, 1, T, L)``; docs/models.md, "Particle dimensions").
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Shared neural building blocks: MLPs, Gaussian encoders, expression normalisation.
 
 Every tensor these modules create comes from their inputs' device and dtype, so models
-built from them run on CUDA as on CPU (see ``tests/test_devices.py``).
+built from them run on CUDA as on CPU (see ``tests/devices.py``).
 """
 
 from __future__ import annotations

@@ -132,7 +132,7 @@ register(
 )
 
 
-# SAMS-VAE family (MODELS.md section 1). Training defaults: see SAMS_TRAIN_DEFAULTS in
+# SAMS-VAE family (docs/models.md, "SAMS-VAE"). Training defaults: see SAMS_TRAIN_DEFAULTS in
 # pyro_perturb/models/sams_vae.py (chosen by experiment, bench/sams_vae_benchmark.py).
 from .models.sams_vae import SAMS_TRAIN_DEFAULTS  # noqa: E402
 
@@ -165,16 +165,11 @@ register(
 )
 
 
-# ---------------------------------------------------------------- sVAE family (MODELS.md 2)
-# Training defaults shared by the family, chosen by experiment on the sparse_shift
-# simulator at the paper's sizes (bench/svae_benchmark.py, bench/results/svae_benchmark_notes.md):
-# batch 128 and 2 x 128 hidden layers as in the paper; lr 3e-3 (at 1e-3 the sparse prior
-# rotates the latents towards the true axes too slowly: MODELS.md section 5; lr 1e-2 was
-# worse at epoch 10: MCC 0.48 vs 0.52), with the per-label shifts and mask logits at 10x
-# (the models' own ``lr_multipliers``; MCC at epoch 40: 0.62 vs 0.52 without, x30 no
-# better than x10); a 5-epoch KL warm-up (scaling the mask prior too); analytic KL for z
-# ("meanfield"); up to 100 epochs (sVAE+ is still improving at 60) with early stopping
-# on the validation ELBO (patience 20). K_s = 20: see SVAEPlusModel.
+# ---------------------------------------------------------------- sVAE family (docs/models.md)
+# Training defaults shared by the family: batch 128 as in the paper, lr 3e-3 with the
+# per-label shifts and mask logits at 10x (the models' own ``lr_multipliers``), a 5-epoch KL
+# warm-up, analytic KL for z, early stopping on the validation ELBO.
+# Chosen by experiment: bench/results/defaults_rationale.md#svae-family
 SVAE_TRAIN_DEFAULTS = dict(
     lr=3e-3,
     batch_size=128,

@@ -1,4 +1,4 @@
-"""Shared fixtures: small seeded datasets, and the default-device check of DESIGN.md."""
+"""Shared fixtures: small seeded datasets, and the default-device check (docs/architecture.md, "Devices")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The default-device check of DESIGN.md "Devices", reusable by every model's tests.
+"""The default-device check (docs/architecture.md, "Devices"), reusable by every model's tests.
 
 Run a model and guide under ``torch.set_default_device("meta")`` with real CPU inputs: a
 tensor created on the default device (instead of from an input's device) is a meta

@@ -72,7 +72,7 @@ def test_dosage_offset_particle_shapes():
 
 
 def test_mask_log_q_is_hard_bernoulli_log_mass():
-    """The gotcha of MODELS.md section 1: log q(M) must score the hard value.
+    """docs/models.md, "Mask log q": log q(M) must score the hard value.
 
     Pyro's RelaxedBernoulliStraightThrough scores the relaxed value with the Gumbel
     density; this test fails with it (its log-probabilities of 0/1 masks are not a

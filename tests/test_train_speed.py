@@ -1,4 +1,4 @@
-"""Speed-ups of the training step (issue #6) keep the math: the count likelihoods equal
+"""Speed-ups of the training step keep the math: the count likelihoods equal
 Pyro's distributions, split encoders equal concatenated ones, the engine's
 ``validate_distributions`` option changes no number."""
 

@@ -1,10 +1,10 @@
 """Simulators of single-cell perturbation count data with known ground truth.
 
-Three generators, one per model family of the zoo (see docs/MODELS.md):
+Three generators, one per model family of the zoo (docs/data.md, "Simulators"):
 
-- :func:`sparse_shift`: the sVAE paper's benchmark (sparse mechanism shift, section 2).
-- :func:`combinatorial`: SAMS-VAE's additive sparse latent effects, with doubles (section 1).
-- :func:`factorized`: FCR's covariate / treatment / interaction latent blocks (section 3).
+- :func:`sparse_shift`: the sVAE paper's benchmark (sparse mechanism shift, docs/models.md "sVAE family").
+- :func:`combinatorial`: SAMS-VAE's additive sparse latent effects, with doubles (docs/models.md "SAMS-VAE").
+- :func:`factorized`: FCR's covariate / treatment / interaction latent blocks (docs/models.md "FCR").
 
 All share one observation model. A random decoder maps the latent ``z_i`` to gene
 proportions ``rho_i = softmax(f(z_i))``; each cell gets a library size
@@ -316,7 +316,7 @@ def true_ate(
     For each label, ``n_draws`` cells are generated with ``z_basal ~ N(0, I)``, counts
     ``NB(library * softmax(f(z)), theta)`` (Poisson if ``theta`` is None), normalised to
     1e4 counts, ``log2(1 + x)``, and averaged; the ATE is that mean minus the same mean at
-    shift 0 (control), as in MODELS.md section 4. The same ``z_basal`` draws are used for
+    shift 0 (control), as the data ATE of docs/evaluation.md. The same ``z_basal`` draws are used for
     every label and for control (common random numbers: less Monte Carlo noise in the
     difference). Fits :func:`sparse_shift` and :func:`combinatorial`, whose controls are
     ``z ~ N(0, I)``.
@@ -391,7 +391,7 @@ def sparse_shift(
     dispersion_log_sd: float = 0.5,
     logit_sd: float = 1.0,
 ) -> ad.AnnData:
-    """The sVAE benchmark: sparse mechanism shift (Lopez et al. 2023; MODELS.md section 2).
+    """The sVAE benchmark: sparse mechanism shift (Lopez et al. 2023; docs/models.md, "sVAE family").
 
     Perturbation ``a`` (named ``p000``, ``p001``, ...) targets between ``min_targets`` and
     ``max_targets`` latents (uniform count, uniform choice); each targeted latent is
@@ -532,7 +532,7 @@ def combinatorial(
 ) -> ad.AnnData:
     """SAMS-VAE's setting: sparse additive latent effects and double perturbations.
 
-    ``z_i = z_basal_i + d_i @ (E * M)`` (MODELS.md section 1) with ``z_basal ~ N(0, I)``,
+    ``z_i = z_basal_i + d_i @ (E * M)`` (docs/models.md, "SAMS-VAE") with ``z_basal ~ N(0, I)``,
     ``E_tl ~ N(0, shift_sd^2)`` and a mask ``M_tl ~ Bernoulli(mask_prob)``; a single with
     no target gets one latent switched on at random, so every single has at least one.
     Doubles are ``n_doubles`` distinct random pairs of singles; a double's shift is the
@@ -756,7 +756,7 @@ def factorized(
     dispersion_log_sd: float = 0.5,
     logit_sd: float = 1.0,
 ) -> ad.AnnData:
-    """FCR's setting: covariate, treatment and interaction latent blocks (MODELS.md section 3).
+    """FCR's setting: covariate, treatment and interaction latent blocks (docs/models.md, "FCR").
 
     Covariate ``obs["cell_line"]`` (``line_0``...), treatment ``obs["perturbation"]``
     (``drug_0``... and ``"control"``); every (covariate, treatment) group, control

@@ -1,6 +1,6 @@
 """Average treatment effects (ATE): from data, and from a model by posterior predictive.
 
-Definitions (MODELS.md section 4):
+Definitions (docs/evaluation.md, "Average treatment effects"):
 
 * **Data ATE** of label t: normalise each cell to 1e4 counts, ``log2(1 + x)``, take the
   mean over the cells of t minus the mean over control cells (:func:`data_ate`).

@@ -19,7 +19,7 @@ when present. Models that ignore covariates (no ``c`` in their prior or decoder)
 answer, with covariate-blind predictions.
 
 Sequencing depth: group means are compared with observed cells at the observed depth
-(MODELS.md section 5), so the library sizes of predicted cells are drawn from the observed
+(docs/evaluation.md, "Sequencing depth"), so the library sizes of predicted cells are drawn from the observed
 (training) cells of the same covariate values, not fixed at 1e4.
 
 Contents: :func:`predict_lognorm`, :func:`predict_counterfactual` (Python API),
@@ -286,7 +286,7 @@ def group_scores(
             entry = {"n_cells": int(row["n_cells"]), "r2": r2, "r2_top20": top}
             if ctrl is not None and label != control:
                 # anchored: the model's response (c, t) - (c, control) added to the
-                # observed control mean of c (MODELS.md section 5's alternative)
+                # observed control mean of c (docs/evaluation.md, "Group means")
                 anchored = ctrl + pred - model_mean(cov, control)
                 entry["r2_anchored"], entry["r2_top20_anchored"] = _score(obs, anchored, ctrl)
             base = additive_baseline(train_means, cov, label, control)

@@ -3,7 +3,7 @@
 Pure numpy / scipy / scikit-learn: no torch import. Inputs may be numpy arrays, lists, or
 anything with ``.detach().cpu().numpy()`` (a torch tensor), which is converted first.
 
-Contents (see ``docs/MODELS.md`` sections 2-4):
+Contents (definitions in ``docs/evaluation.md``):
 
 - latent recovery: :func:`match_latents`, :func:`mcc`, :func:`linear_r2`;
 - sparse targets: :func:`target_identification`;

@@ -1,5 +1,5 @@
 """Latent recovery and target identification against a simulator's ground truth
-(MODELS.md section 2, "Metrics"), for any model of the zoo.
+(docs/evaluation.md, "Latent recovery" and "Target identification"), for any model.
 
 Runs when the data carries ``obsm["z_true"]`` and ``uns["ground_truth"]["targets"]``
 (:func:`pyro_perturb.data.simulate.sparse_shift` and the other simulators). Adds to

@@ -1,6 +1,6 @@
 """Guides of SAMS-VAE and CPA-VAE (:mod:`pyro_perturb.models.sams_vae`).
 
-The SAMS-VAE paper's two guide families (MODELS.md section 1):
+The SAMS-VAE paper's two guide families (docs/models.md, "SAMS-VAE guides"):
 
 * Mean-field (:class:`SAMSVAEMeanFieldGuide`, registered as ``sams_vae_mf``)::
 
@@ -23,7 +23,7 @@ Masks are drawn with :class:`~pyro_perturb.distributions.StraightThroughBernoull
 (relaxed Bernoulli at ``temperature``, hard value forward, relaxed gradient) whose log q
 is the Bernoulli log-mass of the hard value. The mask logits carry a learning-rate
 multiplier (``lr_multipliers``): Adam moves a logit by about ``lr`` per step, far too
-slowly for masks to become sparse at the paper's lr (MODELS.md section 5).
+slowly for masks to become sparse at the paper's lr (bench/results/defaults_rationale.md#sams-vae).
 
 With ``batch.x is None`` (posterior predictive) the guides sample only the global sites;
 ``z_basal`` then comes from the model's prior.

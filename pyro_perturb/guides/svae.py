@@ -92,8 +92,8 @@ class MaskedShiftGuide(SparseShiftGuide):
 
     has_mask = True
     #: mask logits train at 10x the learning rate: Adam moves each logit by about lr per
-    #: step, so at lr 3e-3 masks stay undecided for thousands of steps (MODELS.md section 5);
-    #: measured at the paper's sizes, x10 raised the MCC at epoch 40 from 0.52 to 0.62
+    #: step, so at lr 3e-3 masks stay undecided for thousands of steps (chosen by
+    #: experiment: bench/results/defaults_rationale.md#svae-family)
     lr_multipliers = {"mask_logits": 10.0}
 
     def __init__(

@@ -1,4 +1,4 @@
-"""Held-out importance-weighted ELBO (MODELS.md section 4), for any model of the zoo.
+"""Held-out importance-weighted ELBO (docs/evaluation.md, "Held-out IWELBO"), for any model of the zoo.
 
 For each of K particles one draw of the global latents is taken from the guide and shared
 by all cells; per cell::
@@ -99,7 +99,7 @@ def iwelbo(
     4 million entries unless set otherwise. The guide's global networks (e.g. SAMS-VAE's
     ``q(E | M)``) run once per (chunk, batch) for ``chunk`` particles, so the defaults
     take small particle chunks and large cell batches (~512 cells): at 1,187 genes,
-    chunks of 6 particles and 561 cells took 0.77x the time of the former 52 x 64
+    chunks of 6 particles and 561 cells took 0.77x the time of 52 particles x 64 cells
     (bench/results/train_throughput.md).
     """
     device = torch.device(device)

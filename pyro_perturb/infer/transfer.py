@@ -1,4 +1,4 @@
-"""Out-of-distribution transfer to held-out perturbations (MODELS.md section 2, "Metrics").
+"""Out-of-distribution transfer to held-out perturbations (docs/evaluation.md, "OOD transfer").
 
 The trained encoder, decoder and dispersion are frozen; only the held-out labels'
 per-label parameters (sVAE family: the rows of the shift ``mu`` and of the mask logits

@@ -1,4 +1,4 @@
-"""Conditional VAE: the SAMS-VAE paper's simplest baseline (MODELS.md, "Baselines").
+"""Conditional VAE: the SAMS-VAE paper's simplest baseline (docs/models.md, "Conditional VAE").
 
 Generative story, for cell i with counts ``x_i`` (G genes), dosage ``d_i`` (T
 perturbations), covariates ``c_i`` and observed library size ``l_i``::

@@ -1,4 +1,4 @@
-"""FCR: factorised causal representation of responses across cell contexts (MODELS.md section 3).
+"""FCR: factorised causal representation of responses across cell contexts (docs/models.md, "FCR").
 
 Generative story for cell i with covariates ``c_i`` (one or more categorical columns),
 dosage ``d_i`` (T treatments; 0 for controls, multi-hot for combinations, doses allowed)
@@ -12,22 +12,23 @@ and observed library size ``l_i``::
     x    ~ NB(l * softmax(f([z_x, z_tx, z_t])), theta)     (or Gaussian on log1p(1e4 x / l))
 
 Each prior MLP returns a location and a (softplus) scale. ``MLP_tx`` is a real MLP after
-the element-wise product (MODELS.md section 5: a bare product predicted held-out pairs
-worse). Optionally (``n_interaction_heads = K > 1``) the z_tx prior is the normalised
-product of K independently initialised such priors (:func:`product_of_experts`), each
-fitted to z_tx on its own: an ensemble over the interaction's extrapolation to unseen
-pairs, which the training pairs do not determine (bench/results/fcr_diagnosis.md).
+the element-wise product (a bare product predicted held-out pairs worse:
+bench/results/defaults_rationale.md#fcr). Optionally (``n_interaction_heads = K > 1``)
+the z_tx prior is the normalised product of K independently initialised such priors
+(:func:`product_of_experts`), each fitted to z_tx on its own: an ensemble over the
+interaction's extrapolation to unseen pairs, which the training pairs do not determine
+(bench/results/fcr_diagnosis.md).
 ``m(0) = 0``: controls have no interaction, so the interaction embedding of a covariate
 only learns from its treated cells. ``e_tx(c) = mean + offset(c)`` with offsets
 starting near 0 (``interaction_init``): a covariate never seen under any treatment keeps
 the shared mean, i.e. it is predicted with the *average* interaction of the others (its
 response then comes from z_t, the average z_tx, and its own context z_x). Without the
 shared mean such a covariate would get "no interaction" (z_tx of controls), a point the
-decoder never saw together with a treated z_t (held-out R^2 0.52 vs the additive
-baseline's 0.92 for Kang B cells in our first runs). All networks here are point-estimated globals (``nn.Parameter``), like the other
+decoder never saw together with a treated z_t (measured: bench/results/defaults_rationale.md#fcr).
+All networks here are point-estimated globals (``nn.Parameter``), like the other
 models of the zoo; the guide is :class:`pyro_perturb.guides.fcr.FCRGuide`.
 
-Regularisers on top of the ELBO (the paper's, not the public release's; see MODELS.md),
+Regularisers on top of the ELBO (the paper's, not the public release's; docs/models.md, "FCR"),
 through the training engine's hooks:
 
 * :meth:`FCRModel.auxiliary_loss` (minimised with the ELBO, gradient into the encoders):
@@ -79,28 +80,10 @@ from ..nn import MLP, GaussianEncoder, broadcast_cat
 
 INDEPENDENCE = ("conditional", "marginal")
 
-# Training defaults of the registered "fcr" entry, chosen by experiment
-# (bench/fcr_benchmark.py, bench/results/fcr_benchmark.md):
-# - batch 256: the data sets FCR targets are small (a few thousand cells), so 256 still
-#   gives ~5-10 steps per epoch (not tuned further);
-# - lr 1e-3, 100 epochs, early stopping on the validation ELBO (patience 20): at 100
-#   epochs the training groups' means are fitted to R^2 ~0.98-0.99 on the factorized
-#   simulator and on Kang 2018 (longer training was not tried: CPU budget);
-# - no KL warm-up, one particle (not needed for Gaussian blocks; not tuned).
-# With these defaults (bench/results/fcr_benchmark.md): factorized simulator, held-out
-# pairs, 3 seeds: R^2 0.86 (top-20 DE 0.75) vs cvae 0.88 (0.68), cpa_vae 0.88 (0.64),
-# additive baseline 0.79 (0.67); Kang 2018, each cell type's stimulated cells held out:
-# 0.88 (top-20 0.34) vs baseline 0.88 (-0.26), cvae 0.69, cpa_vae 0.73 (3 seeds each).
-# Held-out pairs are limited by the interaction of an unseen (c, t) pair, which the
-# training pairs do not determine (bench/results/fcr_diagnosis.md): even the simulator's
-# own interaction network fitted to the *true* training interactions predicts held-out
-# pairs at R^2 0.80 on average over restarts (true generator 0.99; averaging 20 restarts
-# 0.93); an ensemble of 5 interaction heads inside FCR did not reproduce that gain
-# (0.84 vs 0.86, 3 seeds), so n_interaction_heads stays 1.
-# Model defaults (signature): blocks of 8 latents and covariate embedding 8 (16 / 32
-# predicted held-out pairs worse on the simulator, seed 1: held-out R^2 0.93 vs 0.95,
-# top-20 DE 0.84 vs 0.91); a covariate embedding separate from z_x's
-# (shared_embedding=True: Kang CD14+ monocytes held-out R^2 0.43 vs 0.75).
+# Training defaults of the registered "fcr" entry (batch 256, lr 1e-3, up to 100 epochs with
+# early stopping, no KL warm-up, one particle) and the model defaults of the signature
+# (blocks of 8 latents, covariate embedding 8, separate e_x and e_tx, one interaction head).
+# Chosen by experiment: bench/results/defaults_rationale.md#fcr
 FCR_TRAIN_DEFAULTS = {"max_epochs": 100, "batch_size": 256, "lr": 1e-3, "kl_warmup_epochs": 0}
 
 
@@ -214,11 +197,11 @@ class FCRModel(PyroModule):
         adversary_lr: learning rate of the discriminator's own Adam.
         interaction_init: initial scale of the interaction embeddings ``e_tx``.
         shared_embedding: use ``e_x`` as ``e_tx`` (one covariate embedding for both priors,
-            as written in MODELS.md): the interaction of a covariate never seen treated
-            is then extrapolated from its basal embedding instead of being "none".
+            as in the paper's equations, docs/models.md "FCR"): the interaction of a
+            covariate never seen treated is then extrapolated from its basal embedding
+            instead of being "none".
         n_interaction_heads: number K of interaction priors combined as a product of
-            experts (1: the plain FCR prior; 5 did not predict held-out pairs better on
-            the factorized simulator, 3 seeds).
+            experts (1: the plain FCR prior; bench/results/defaults_rationale.md#fcr).
     """
 
     max_plate_nesting = 1
@@ -280,10 +263,10 @@ class FCRModel(PyroModule):
         self.prior_t = GaussianEncoder(T, hidden, n_latent_t)
         # K independently initialised interaction priors, combined as a product of experts
         # (see _priors): the interaction of an unseen (c, t) pair is not identified by the
-        # training pairs, so one head's extrapolation is one arbitrary guess (K > 1 did not
-        # help on the factorized simulator, see the defaults note above; default 1).
-        # Modules are created in the order of the one-head model (embeddings, prior_x,
-        # prior_t, mix, prior_tx) so that K = 1 draws the same initial weights as before.
+        # training pairs, so one head's extrapolation is one arbitrary guess (default 1:
+        # bench/results/defaults_rationale.md#fcr). Modules are created in the order
+        # embeddings, prior_x, prior_t, mix, prior_tx, so that K = 1 draws the initial
+        # weights of the plain single-head FCR prior.
         heads = []
         for embed in embeds:
             mix = MLP(T, hidden, E)

@@ -1,4 +1,4 @@
-"""SAMS-VAE and its mask-free baseline CPA-VAE (MODELS.md section 1).
+"""SAMS-VAE and its mask-free baseline CPA-VAE (docs/models.md, "SAMS-VAE" and "CPA-VAE").
 
 SAMS-VAE (sparse additive mechanism shift VAE), for cell i with counts ``x_i`` (G genes),
 dosage ``d_i`` (T perturbations; multi-hot for a combination) and library size ``l_i``::
@@ -37,24 +37,9 @@ from ..likelihoods import CountLikelihood
 from ..nn import MLP, broadcast_cat, covariate_onehot
 
 #: Training defaults of ``sams_vae``, ``sams_vae_mf`` and ``cpa_vae`` (registry
-#: ``train_defaults``; every key can be overridden with ``fit --set``).
-#:
-#: The model hyperparameters keep the paper's defaults (latent 100, hidden 400, 1 layer,
-#: mask prior 0.01) and so do batch 512 and 5 vectorised particles. The learning rate
-#: does not: the paper's 3e-4 was run for tens of thousands of steps on ~100k cells;
-#: on data of a few thousand to 20k cells an epoch is 4-40 steps. Measured on
-#: ``combinatorial(seed=0, frac_combinations_train=0.5)`` (2,800 cells, 6 steps/epoch;
-#: bench/sams_vae_benchmark.py, correlated guide):
-#:
-#: * lr 1e-3, mask-logit lr x10: validation loss still falling at 100 epochs (604.8);
-#:   q(M) mostly in [0.05, 0.2], not yet bimodal; target F1 0.22;
-#: * lr 1e-3, x30: best validation loss 604.6 at ~100 epochs, then overfits (606 at 150);
-#: * lr 3e-3, x10 (mask logits at 3e-2): best validation loss 603.3 at ~50 epochs, then
-#:   overfits (605.7 at 100); best test IWELBO of the three (-593.3) and target F1 0.34.
-#:
-#: Hence lr 3e-3 with the mask logits at x10 (MODELS.md section 5: at x1 the masks never
-#: leave [0.1, 0.9]), up to 100 epochs with early stopping on the validation ELBO
-#: (patience 15; the best state is kept), which stops near the optimum on such data.
+#: ``train_defaults``; every key can be overridden with ``fit --set``): the paper's batch
+#: and particles; lr 3e-3 (not the paper's 3e-4) with the mask logits at x10, and early
+#: stopping. Chosen by experiment: bench/results/defaults_rationale.md#sams-vae
 SAMS_TRAIN_DEFAULTS = {
     "max_epochs": 100,
     "batch_size": 512,

@@ -1,4 +1,4 @@
-"""The sVAE family: sparse mechanism shift (Lopez et al., CLeaR 2023; MODELS.md section 2).
+"""The sVAE family: sparse mechanism shift (Lopez et al., CLeaR 2023; docs/models.md, "sVAE family").
 
 Each cell i carries one label a_i (its perturbation; label 0 is the control, whose shift is
 zero). Generative story, for A perturbation labels, L latents and the cell plate::
@@ -285,10 +285,8 @@ class SVAEPlusModel(SparseShiftModel):
 
     Args (besides :class:`SparseShiftModel`'s):
         mask_prior_strength: K_s of the Beta(1, K_s) prior (> 1 pushes masks off; 1: no
-            sparsity). Default 20, by experiment (10 latents, 40 perturbations x 100
-            cells, 40 epochs; target precision / recall / F1): K_s = 5 over-calls
-            (0.31 / 0.74 / 0.44), 20 balances (0.61 / 0.58 / 0.59), 100 switches almost
-            every mask off (0.83 / 0.06 / 0.12), as the prototypes found.
+            sparsity). Default 20: 5 over-calls targets, 100 switches almost every mask
+            off (chosen by experiment: bench/results/defaults_rationale.md#svae-family).
         mask_gradient: ``"straight_through"`` (default) or ``"expected"`` (the mask
             integrated out of the prior of z exactly in training); see
             :class:`~pyro_perturb.guides.svae.MaskedShiftGuide`.
