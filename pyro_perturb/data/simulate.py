@@ -50,6 +50,7 @@ from pyro_perturb.data.splits import (
     heldout_perturbation_split,
     random_split,
 )
+from pyro_perturb.normalize import LIBRARY, lognormalize
 
 __all__ = [
     "CONTROL",
@@ -285,8 +286,7 @@ def _monte_carlo_mean_lognorm(
     """Mean over axis -2 of log2(1 + counts normalised to 1e4) for z of shape (k, n, L)."""
     mean = decoder_proportions(decoder, z) * library
     counts = _sample_counts(rng, mean, theta).astype(np.float64)
-    total = np.maximum(counts.sum(axis=-1, keepdims=True), 1.0)
-    return np.log2(1.0 + counts / total * 1e4).mean(axis=-2)
+    return lognormalize(counts).mean(axis=-2)
 
 
 def true_ate(
@@ -294,7 +294,7 @@ def true_ate(
     shifts: np.ndarray,
     theta: np.ndarray | None = None,
     n_draws: int = 2000,
-    library: float = 1e4,
+    library: float = LIBRARY,
     seed: int = 0,
 ) -> np.ndarray:
     """Average treatment effects of the true generator ``z = z_basal + shift``, by Monte Carlo.
