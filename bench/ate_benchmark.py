@@ -15,9 +15,6 @@ Variants (``--variants``; ratios are against ``baseline`` of the same invocation
 * ``baseline``: the model ATE as committed before this work (``--baseline-ref``, read
   with ``git show``): one ``Predictive(model, guide)`` per chunk of 64 treatments (control
   row in each chunk), torch's NB sampler, float64 normalisation.
-* ``pyro``: the current code with ``sampler="pyro"``: globals drawn once per particle
-  block and shared by all treatment batches, the control once, float32 in-place
-  normalisation, but every site still sampled by Pyro (torch's samplers).
 * ``rows1``: the current default sampler (per-row seeded streams, numpy's PCG64
   gamma/Poisson on CPU) in 1 thread; ``rows``: the same in ``--threads`` threads.
 
@@ -47,7 +44,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 N_GENES, N_LATENT, N_HIDDEN = 1187, 100, 400
 DEFAULT_CONFIGS = ["200x500", "200x2500", "700x2500"]
-VARIANTS = ("baseline", "pyro", "rows1", "rows")
+VARIANTS = ("baseline", "rows1", "rows")
 
 
 def _status_kb(field: str) -> int:
@@ -103,7 +100,8 @@ def train_and_save(n_treatments: int, args, path: Path) -> dict:
 
 
 def _baseline_model_ate(ref: str):
-    """``model_ate`` of pyro_perturb/evaluate/ate.py as committed at ``ref``."""
+    """``model_ate`` of pyro_perturb/evaluate/ate.py as committed at ``ref`` (before the
+    model ATE moved to evaluate/predictive.py)."""
     src = subprocess.run(["git", "show", f"{ref}:pyro_perturb/evaluate/ate.py"], cwd=ROOT,
                          check=True, capture_output=True, text=True).stdout
     tmp = Path(tempfile.mkdtemp()) / "_ate_baseline.py"
@@ -120,7 +118,7 @@ def measure_one(job: dict) -> dict:
 
     torch.set_num_threads(job["threads"])
     import pyro_perturb as pp
-    from pyro_perturb.evaluate.ate import model_ate
+    from pyro_perturb.evaluate.predictive import model_ate
     from pyro_perturb.registry import build
 
     n_treatments, particles = job["treatments"], job["particles"]
@@ -139,8 +137,6 @@ def measure_one(job: dict) -> dict:
     variant = job["variant"]
     if variant == "baseline":
         fn, kwargs = _baseline_model_ate(job["baseline_ref"]), {}
-    elif variant == "pyro":
-        fn, kwargs = model_ate, {"sampler": "pyro"}
     elif variant == "rows1":
         fn, kwargs = model_ate, {"num_threads": 1}
     else:
@@ -255,7 +251,7 @@ def main(args) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, help="TREATMENTSxPARTICLES")
-    p.add_argument("--variants", nargs="*", default=["baseline", "pyro", "rows1", "rows"], choices=VARIANTS)
+    p.add_argument("--variants", nargs="*", default=["baseline", "rows1", "rows"], choices=VARIANTS)
     p.add_argument("--memory-mb", type=float, nargs="*", help="also run 'rows' at these working-memory budgets")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")

@@ -244,7 +244,7 @@ def throughput(model, args) -> dict:
 
     torch.set_num_threads(args.threads)
     import pyro_perturb as pp
-    from pyro_perturb.evaluate.ate import model_ate
+    from pyro_perturb.evaluate.predictive import model_ate
     from pyro_perturb.infer.engine import make_elbo
     from pyro_perturb.registry import build, get_entry
 

@@ -4,9 +4,9 @@ posterior predictive. Read it top to bottom; run it (seconds) to see each step.
     python examples/sams_vae_walkthrough.py
 
 The library's implementation is in ``pyro_perturb/models/sams_vae.py`` (the model),
-``pyro_perturb/guides/sams_vae.py`` (the guides) and ``pyro_perturb/evaluate/ate.py``
-(the ATE); this script builds small versions of the same pieces inline so that every
-line of the story is visible.
+``pyro_perturb/guides/sams_vae.py`` (the guides) and
+``pyro_perturb/evaluate/predictive.py`` (the model ATE); this script builds small versions
+of the same pieces inline so that every line of the story is visible.
 """
 
 from __future__ import annotations

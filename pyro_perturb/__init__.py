@@ -11,8 +11,7 @@ Quick start::
     metrics = run.evaluate(adata)
 """
 
-__version__ = "0.1.0"
-
+from .version import __version__
 from .data import Batch, DataSpec, PerturbationData, simulate, splits  # noqa: E402
 from .registry import list_models  # noqa: E402
 from .run import Run, fit, load_run  # noqa: E402

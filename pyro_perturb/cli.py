@@ -178,7 +178,7 @@ def cmd_demo(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyro-perturb", description="Pyro model zoo for single-cell perturbation data")
-    from . import __version__
+    from .version import __version__
 
     parser.add_argument("--version", action="version", version=f"pyro-perturb {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)

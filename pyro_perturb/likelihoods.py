@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from pyro.nn import PyroModule, PyroParam
 from torch import nn
 
+from .normalize import log1p_normalize
+
 LIKELIHOODS = ("nb", "poisson", "gaussian")
 
 
@@ -138,7 +140,7 @@ class CountLikelihood(PyroModule):
     def transform_observation(self, x: torch.Tensor, library: torch.Tensor) -> torch.Tensor:
         """What the likelihood scores: counts, or log-normalised expression (Gaussian)."""
         if self.kind == "gaussian":
-            return torch.log1p(1e4 * x / library.unsqueeze(-1))
+            return log1p_normalize(x, library)
         return x
 
     def observe(self, name: str, gene_logits: torch.Tensor, x: torch.Tensor | None, library: torch.Tensor):

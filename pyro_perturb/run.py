@@ -25,13 +25,13 @@ import pandas as pd
 import pyro
 import torch
 
-from . import __version__
 from .data import DataSpec, PerturbationData
 from .infer import distributed
 from .infer.checkpoint import atomic_json, atomic_torch_save, safe_load
 from .infer.engine import TrainConfig, resolve_device, train, write_history
 from .infer.iwelbo import iwelbo as _iwelbo
 from .registry import build, get_entry
+from .version import __version__
 
 DATA_KEYS = (
     "perturbation_key",
@@ -164,12 +164,12 @@ class Run:
 
     def ate(self, labels, num_particles: int = 2500, seed: int = 0, memory_mb: float | None = None) -> pd.DataFrame:
         """Model ATE of perturbation labels (``"A"``, ``"A+B"``...; labels x genes) by
-        posterior predictive (:func:`pyro_perturb.evaluate.ate.model_ate`), on the run's
+        posterior predictive (:func:`pyro_perturb.evaluate.predictive.model_ate`), on the run's
         device. Combinations of known singles work for models that compose.
         ``memory_mb``: working-memory budget (MB; default 1024); the largest treatment
         batch that fits is used, and the result does not depend on it."""
         from .data.anndata import canonical_label
-        from .evaluate.ate import model_ate
+        from .evaluate.predictive import model_ate
 
         labels = [canonical_label(lab, self.spec.control, self.spec.separator) for lab in ([labels] if isinstance(labels, str) else labels)]
         return model_ate(self.model, self.guide, self.spec, labels, num_particles=num_particles, seed=seed,

@@ -1,9 +1,11 @@
-"""ATE by posterior predictive (evaluate/ate.py), PPC export and plots."""
+"""ATE by posterior predictive (evaluate/ate.py and the modules it assembles: data_stats,
+predictive, streams, ate_memory), PPC export and plots."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -11,17 +13,14 @@ import pyro
 import pytest
 import torch
 from pyro import poutine
+from pyro.infer import Predictive
 
 from pyro_perturb.data import PerturbationData, simulate
 from pyro_perturb.distributions import dosage_offset
-from pyro_perturb.evaluate.ate import (
-    data_ate,
-    lognormalize,
-    model_ate,
-    representable_labels,
-    treatment_splits,
-)
+from pyro_perturb.evaluate.data_stats import data_ate, representable_labels, treatment_splits
+from pyro_perturb.evaluate.predictive import model_ate
 from pyro_perturb.models.sams_vae import CPAVAEModel
+from pyro_perturb.normalize import lognormalize
 from pyro_perturb.registry import build
 
 from .devices import run_device_clean
@@ -175,14 +174,13 @@ def test_evaluate_writes_ate_outputs(tmp_path, combo_adata):
 
 
 # ----------------------------------------------------------------------------- batching, memory
-from pyro_perturb.evaluate.ate import (  # noqa: E402
-    _guide_hidden,
-    _row_seed,
-    _RowStream,
-    _widest_layer,
+from pyro_perturb.evaluate.ate_memory import (  # noqa: E402
     ate_batch_for_memory,
     ate_working_memory,
+    guide_hidden_width,
+    widest_layer,
 )
+from pyro_perturb.evaluate.streams import RowStream, row_seed  # noqa: E402
 
 
 def test_ate_is_bit_identical_whatever_the_batching(combo_data):
@@ -194,7 +192,7 @@ def test_ate_is_bit_identical_whatever_the_batching(combo_data):
     labs = ["p000", "p001+p002", "p003", "control"]
     ref = model_ate(model, guide, spec, labs, num_particles=150, seed=5, particle_batch=40)
     one = model_ate(model, guide, spec, labs, num_particles=150, seed=5, particle_batch=40, treatment_batch=1, num_threads=1)
-    sizes = dict(hidden=_widest_layer(model, exclude=spec.n_genes), guide_hidden=_guide_hidden(guide))
+    sizes = dict(hidden=widest_layer(model, exclude=spec.n_genes), guide_hidden=guide_hidden_width(guide))
     budget = ate_working_memory(2, 40, spec.n_genes, 6, spec.n_perturbations, 2, **sizes) / 2**20
     assert ate_batch_for_memory(budget, 4, 40, spec.n_genes, 6, spec.n_perturbations, 2, **sizes) == (2, 40)
     small = model_ate(model, guide, spec, labs, num_particles=150, seed=5, particle_batch=40, memory_mb=budget, num_threads=2)
@@ -208,12 +206,27 @@ def test_ate_is_bit_identical_whatever_the_batching(combo_data):
     assert not np.array_equal(other_seed.to_numpy(), ref.loc[["p000"]].to_numpy())
 
 
+def _pyro_sampled_ate(model, guide, spec, labels, num_particles, seed):
+    """The model ATE with every site drawn by Pyro from torch's generator (no row streams):
+    one ``Predictive`` over the control and the labels, whose rows share the globals."""
+    model.eval()
+    guide.eval()
+    pyro.set_rng_seed(seed)
+    rows = [spec.control, *labels]
+    batch = spec.request_batch(rows, 1e4)
+    with torch.no_grad():
+        predictive = Predictive(model, guide=guide, num_samples=num_particles, parallel=True, return_sites=("x",))
+        x = predictive(batch, observe=False)["x"].reshape(num_particles, len(rows), spec.n_genes)
+    means = lognormalize(x.double()).mean(0).numpy()
+    return pd.DataFrame(means[1:] - means[0], index=pd.Index(labels, name="perturbation"), columns=spec.genes)
+
+
 def test_row_streams_match_pyro_sampling_in_distribution(combo_data):
-    """The per-row streams (sampler="rows") and Pyro's own sampling estimate the same ATE."""
+    """The per-row streams and Pyro's own sampling estimate the same ATE."""
     model, guide = _pair("sams_vae", combo_data)
     labs = ["p000", "p001+p002"]
     rows = model_ate(model, guide, combo_data.spec, labs, num_particles=3000, seed=0, particle_batch=500)
-    pyro_ = model_ate(model, guide, combo_data.spec, labs, num_particles=3000, seed=1, particle_batch=500, sampler="pyro")
+    pyro_ = _pyro_sampled_ate(model, guide, combo_data.spec, labs, num_particles=3000, seed=1)
     assert np.corrcoef(rows.to_numpy().ravel(), pyro_.to_numpy().ravel())[0, 1] > 0.9
     assert np.abs(rows.to_numpy() - pyro_.to_numpy()).mean() < 0.05
 
@@ -223,8 +236,8 @@ def test_row_stream_negative_binomial_is_torchs_nb():
     theta = torch.tensor([0.5, 3.0, 20.0]).expand(60000, 3)
     mean = torch.tensor([0.3, 8.0, 150.0]).expand(60000, 3)
     logits = (mean / theta).log()
-    x = _RowStream(_row_seed(0, 0, "A"), torch.device("cpu")).negative_binomial(theta, logits)
-    again = _RowStream(_row_seed(0, 0, "A"), torch.device("cpu")).negative_binomial(theta, logits)
+    x = RowStream(row_seed(0, 0, "A"), torch.device("cpu")).negative_binomial(theta, logits)
+    again = RowStream(row_seed(0, 0, "A"), torch.device("cpu")).negative_binomial(theta, logits)
     assert torch.equal(x, again)
     m, v = x.double().mean(0), x.double().var(0)
     true_var = mean[0] + mean[0] ** 2 / theta[0]
@@ -256,8 +269,6 @@ def test_model_ate_rejects_bad_options(combo_data):
     model, guide = _pair("cpa_vae", combo_data)
     with pytest.raises(ValueError, match="memory budget"):
         model_ate(model, guide, combo_data.spec, ["p000"], num_particles=10, memory_mb=1e-6)
-    with pytest.raises(ValueError, match="sampler"):
-        model_ate(model, guide, combo_data.spec, ["p000"], num_particles=10, sampler="numpy")
     with pytest.raises(ValueError, match="particle_batch"):
         model_ate(model, guide, combo_data.spec, ["p000"], num_particles=10, particle_batch=0)
 
@@ -267,14 +278,33 @@ def test_rows_share_basal_noise_but_not_count_noise():
     (normal) noise, so the ATE difference carries no basal-state noise; counts stay per row."""
     import numpy as np
 
-    from pyro_perturb.evaluate.ate import _row_seed, _RowStream
-
     shared = np.random.SeedSequence([0, 3, 1])
-    a = _RowStream(_row_seed(0, 3, "A"), torch.device("cpu"), shared)
-    b = _RowStream(_row_seed(0, 3, "A+B"), torch.device("cpu"), shared)
+    a = RowStream(row_seed(0, 3, "A"), torch.device("cpu"), shared)
+    b = RowStream(row_seed(0, 3, "A+B"), torch.device("cpu"), shared)
     loc, scale = torch.zeros(50, 4), torch.ones(50, 4)
     assert torch.equal(a.normal(loc, scale), b.normal(loc, scale))
     rate = torch.full((50, 4), 5.0)
     assert not torch.equal(a.poisson(rate), b.poisson(rate))
-    other_block = _RowStream(_row_seed(0, 4, "A"), torch.device("cpu"), np.random.SeedSequence([0, 4, 1]))
-    assert not torch.equal(other_block.normal(loc, scale), _RowStream(_row_seed(0, 3, "A"), torch.device("cpu"), shared).normal(loc, scale))
+    other_block = RowStream(row_seed(0, 4, "A"), torch.device("cpu"), np.random.SeedSequence([0, 4, 1]))
+    assert not torch.equal(other_block.normal(loc, scale), RowStream(row_seed(0, 3, "A"), torch.device("cpu"), shared).normal(loc, scale))
+
+
+def test_failed_netcdf_export_warns_and_the_rest_is_written(tmp_path, monkeypatch, combo_data):
+    """An optional export that fails says so (file and error) instead of vanishing."""
+    import arviz as az
+
+    from pyro_perturb.evaluate.ate import ate_evaluator
+
+    def fail(self, *args, **kwargs):
+        (tmp_path / "ppc.nc").write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(az.InferenceData, "to_netcdf", fail)
+    model, guide = _pair("sams_vae", combo_data)
+    run = SimpleNamespace(model=model, guide=guide, device=torch.device("cpu"), name="sams_vae")
+    results = {"train": {}, "test": {}}
+    with pytest.warns(RuntimeWarning, match=r"ppc\.nc.*OSError: disk full"):
+        ate_evaluator(run, combo_data, results, tmp_path, seed=0,
+                      options={"ate_particles": 20, "ppc_draws": 2, "ate_plots": False})
+    assert not (tmp_path / "ppc.nc").exists()  # no partial file left behind
+    assert (tmp_path / "ate_model.csv").exists() and "ate_pearson" in results["ate"]["all"]

@@ -16,7 +16,7 @@ import pyro
 import torch
 from pyro import poutine
 import pyro_perturb as pp
-from pyro_perturb.evaluate.ate import lognormalize
+from pyro_perturb.normalize import lognormalize
 from pyro_perturb.evaluate.metrics import group_r2, de_genes
 
 torch.set_num_threads(1)

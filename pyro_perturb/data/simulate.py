@@ -50,6 +50,7 @@ from pyro_perturb.data.splits import (
     heldout_perturbation_split,
     random_split,
 )
+from pyro_perturb.normalize import LIBRARY, lognormalize
 
 __all__ = [
     "CONTROL",
@@ -298,8 +299,7 @@ def _monte_carlo_mean_lognorm(
     """
     mean = decoder_proportions(decoder, z) * library
     counts = _sample_counts(rng, mean, theta).astype(np.float64)
-    total = np.maximum(counts.sum(axis=-1, keepdims=True), 1.0)
-    return np.log2(1.0 + counts / total * 1e4).mean(axis=-2)
+    return lognormalize(counts).mean(axis=-2)
 
 
 def true_ate(
@@ -307,7 +307,7 @@ def true_ate(
     shifts: np.ndarray,
     theta: np.ndarray | None = None,
     n_draws: int = 2000,
-    library: float = 1e4,
+    library: float = LIBRARY,
     seed: int = 0,
     library_log_sd: float = 0.0,
 ) -> np.ndarray:

@@ -1,15 +1,15 @@
-"""Evaluation shared by every model: held-out IWELBO per split, plus the metrics that
-model families register (ATE by posterior predictive, latent recovery, group means).
+"""Evaluation shared by every model: held-out IWELBO per split, plus the metric families
+listed in :data:`EVALUATORS` (ATE by posterior predictive, group means, latent recovery).
 
 :func:`evaluate_run` computes ``{"train": {...}, "val": {...}, "test": {...}}`` with at
 least ``iwelbo`` (mean per cell, nats), ``iwelbo_se`` and ``n_cells`` for each split, then
-calls every registered evaluator, which may add keys to the splits and write files
-beside ``metrics.json``.
+calls every evaluator, which may add keys to the splits and write files beside
+``metrics.json``. An evaluator returns at once when the data or the model lacks what it
+needs (no dosage, no covariates, no ground truth).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Callable
@@ -20,18 +20,18 @@ from ..data import PerturbationData
 from ..data.anndata import SPLITS
 from ..infer.checkpoint import atomic_json
 from ..infer.iwelbo import iwelbo
+from .ate import ate_evaluator
+from .groups import group_evaluator
+from .recovery import recovery_evaluator
 
 # evaluator(run, data, results, out_dir, seed, options): adds to ``results`` in place;
 # ``options`` is a dict of evaluator settings (e.g. ``ate_particles``), possibly empty
 Evaluator = Callable[..., None]
-EVALUATORS: list[Evaluator] = []
 
-
-def register_evaluator(fn: Evaluator) -> Evaluator:
-    """Add a metric family to :func:`evaluate_run` (used as a decorator)."""
-    if fn not in EVALUATORS:
-        EVALUATORS.append(fn)
-    return fn
+#: the metric families :func:`evaluate_run` calls, in this order: ATE by posterior
+#: predictive (models with a dosage), group means (data with covariates), latent recovery
+#: (data with a simulator's ground truth)
+EVALUATORS: tuple[Evaluator, ...] = (ate_evaluator, group_evaluator, recovery_evaluator)
 
 
 def evaluate_run(
@@ -43,9 +43,9 @@ def evaluate_run(
     splits: tuple[str, ...] = SPLITS,
     options: dict | None = None,
 ) -> dict:
-    """Held-out IWELBO per split and every registered metric; JSON-ready dict.
+    """Held-out IWELBO per split and the metrics of :data:`EVALUATORS`; JSON-ready dict.
 
-    ``options`` go to the registered evaluators: ``ate_particles`` (model ATE particles,
+    ``options`` go to the evaluators: ``ate_particles`` (model ATE particles,
     default 2,500), ``ate_ppc`` / ``ate_plots`` (bools), ``ppc_draws``, ``ate_data_cells``,
     ``ate_memory_mb`` (the model ATE's working-memory budget).
     """
@@ -87,13 +87,4 @@ def _jsonable(obj):
     return obj
 
 
-__all__ = ["EVALUATORS", "evaluate_run", "register_evaluator", "write_metrics"]
-
-# ATE by posterior predictive, for every model with a dosage (pyro_perturb/evaluate/ate.py)
-from .ate import ate_evaluator  # noqa: E402
-
-register_evaluator(ate_evaluator)
-
-
-from . import groups  # noqa: E402,F401  (registers the group-means evaluator)
-from . import recovery  # noqa: E402,F401  (registers the latent-recovery evaluator)
+__all__ = ["EVALUATORS", "evaluate_run", "write_metrics"]

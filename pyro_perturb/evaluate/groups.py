@@ -25,7 +25,7 @@ Sequencing depth: group means are compared with observed cells at the observed d
 Contents: :func:`predict_lognorm`, :func:`predict_counterfactual` (Python API),
 :func:`observed_group_means`, :func:`additive_baseline` (control mean of the covariate +
 average shift of the treatment in the other covariates), and the evaluator
-:func:`group_evaluator` registered with :func:`~pyro_perturb.evaluate.register_evaluator`
+:func:`group_evaluator`, one of :data:`pyro_perturb.evaluate.EVALUATORS`
 (``metrics.json`` keys ``group_r2``, ``group_r2_top20``, ``nmi_*``, ``ari_*``, ``dhsic*``;
 files ``group_means_model.csv`` and ``group_means_data.csv``).
 """
@@ -43,8 +43,7 @@ import torch
 from pyro import poutine
 
 from ..data import Batch, PerturbationData
-from . import register_evaluator
-from .ate import lognormalize
+from ..normalize import LIBRARY, lognormalize
 from .metrics import clustering_scores, de_genes, dhsic, group_r2
 
 MIN_CELLS = 30  # groups with more than this many cells are scored
@@ -118,7 +117,7 @@ def predict_counterfactual(
             pool = _library_pools(data).get(codes)
             library = pool if pool is not None else data.library
         else:
-            library = np.array([1e4])
+            library = np.array([LIBRARY])
     library = np.atleast_1d(np.asarray(library, dtype=np.float64))
     lib = rng.choice(library, size=n_cells, replace=True)
     return _predict(run.model, run.guide, spec, codes, treatment, lib, seed, run.device, batch_size, mean=False)
@@ -348,7 +347,6 @@ def block_scores(run, data: PerturbationData, idx: np.ndarray, seed: int = 0, ma
 
 
 @torch.no_grad()
-@register_evaluator
 def group_evaluator(run, data: PerturbationData, results: dict, out_dir, seed: int, options: dict | None = None) -> None:
     """Group-mean R^2 (model and additive baseline), block clustering and dHSIC per split,
     for data with covariates; writes ``group_means_model.csv`` / ``group_means_data.csv``."""

@@ -26,12 +26,13 @@ import torch
 from pyro.infer import Predictive
 
 from ..data import PerturbationData
-from .ate import _cells, lognormalize, representable_labels
+from ..normalize import LIBRARY, lognormalize
+from .data_stats import cell_indices, representable_labels
 
 _BUDGET = 8_000_000
 
 
-def _stats(x: torch.Tensor, library_scale: float = 1e4) -> dict[str, torch.Tensor]:
+def _stats(x: torch.Tensor, library_scale: float = LIBRARY) -> dict[str, torch.Tensor]:
     """x: (..., n, G) counts -> per-gene statistics over the cell axis (-2)."""
     ln = lognormalize(x.double(), library_scale)
     return {
@@ -67,7 +68,7 @@ def posterior_predictive_check(
     model.eval()
     guide.eval()
     spec = data.spec
-    idx_pool = _cells(data, cells)
+    idx_pool = cell_indices(data, cells)
     names = data.label_names()
     rng = np.random.default_rng(seed)
     present = [lab for lab in spec.labels if lab in set(names.tolist())]

@@ -28,7 +28,6 @@ from __future__ import annotations
 import numpy as np
 
 from ..data.anndata import SPLITS
-from . import register_evaluator
 from .metrics import linear_r2, match_latents, target_identification
 
 #: cells used for the correlations (a seeded subsample above this; ranks are O(n log n))
@@ -111,7 +110,6 @@ def recovery_metrics(run, data, seed: int = 0, latents: np.ndarray | None = None
     return out
 
 
-@register_evaluator
 def recovery_evaluator(run, data, results, out_dir, seed, options: dict | None = None) -> None:
     """Adds the recovery metrics to ``results`` when the data has ground truth."""
     if not has_ground_truth(data):
