@@ -1,4 +1,4 @@
-"""Model ATE by posterior predictive: time and peak memory (issues #3 and #6).
+"""Model ATE by posterior predictive: time and peak memory per sampler variant and memory budget.
 
 A Replogle-shaped SAMS-VAE (correlated guide; 1,187 genes, latent 100, hidden 400, 1
 hidden layer) is built for T treatments (200 or 700 single-gene perturbations) on

@@ -1,4 +1,4 @@
-"""FCR benchmark (issue "FCR: factorised causal representations of responses across cell contexts").
+"""FCR benchmark: factorised causal representations of responses across cell contexts.
 
 Three tasks, each model trained with its *registered defaults* (``pp.fit`` without tuning),
 results appended row by row to CSV files in ``--out`` (a killed run keeps what it did) and

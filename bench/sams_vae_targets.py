@@ -1,4 +1,4 @@
-"""Why does SAMS-VAE recover the simulator's sparse targets only weakly? (issue #3)
+"""Why does SAMS-VAE recover the simulator's sparse targets only weakly?
 
 Experiments on ``simulate.combinatorial`` (10 true latents, 20 singles, 30 doubles,
 200 genes), the setting of ``bench/sams_vae_benchmark.py --task sim``. Findings are in

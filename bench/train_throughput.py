@@ -1,4 +1,4 @@
-"""Training throughput of the zoo's models against a hand-written PyTorch step (issue #6).
+"""Training throughput of the zoo's models against a hand-written PyTorch step.
 
 On a synthetic negative-binomial dataset shaped like the SAMS-VAE paper's Replogle set
 (default 20,000 cells x 1,187 genes, 200 single perturbations + ~10% controls, 2,000-5,000
@@ -9,9 +9,9 @@ the engine's real step (:func:`pyro_perturb.infer.engine.training_step`:
 the same networks, likelihood, particles, KL terms and Adam. Reported: median cells/s over
 the repetitions and the ratio engine / hand-written.
 
-For SAMS-VAE (correlated guide) the engine is also timed with each speed-up of issue #6
-undone (the code before it, re-created here by patching the instances), so the table
-shows the ratio before and after each change; a ``torch.profiler`` table of the current
+For SAMS-VAE (correlated guide) the engine is also timed with each speed-up of the training
+step undone (``SAMS_STAGES``: the code before it, re-created here by patching the instances),
+so the table shows the ratio before and after each change; a ``torch.profiler`` table of the current
 step, the FLOPs of a step (``FlopCounterMode``) against the measured dense fp32 matmul rate,
 and the held-out IWELBO time (2,000 cells x 100 particles) before/after are written too.
 
@@ -434,7 +434,7 @@ def write_results(rows, prof_table, flops, iw_rows, args) -> None:
         for r in rows:
             w.writerow(r)
     lines = [
-        "# Training throughput: engine vs hand-written PyTorch (issue #6)",
+        "# Training throughput: engine vs hand-written PyTorch",
         "",
         "Analysis and what was left out: `train_throughput_notes.md`.",
         "",
