@@ -9,9 +9,9 @@ the engine's real step (:func:`pyro_perturb.infer.engine.training_step`:
 the same networks, likelihood, particles, KL terms and Adam. Reported: median cells/s over
 the repetitions and the ratio engine / hand-written.
 
-For SAMS-VAE (correlated guide) the engine is also timed with each speed-up of the training step
-undone (the code before it, re-created here by patching the instances), so the table
-shows the ratio before and after each change; a ``torch.profiler`` table of the current
+For SAMS-VAE (correlated guide) the engine is also timed with each speed-up of the training
+step undone (``SAMS_STAGES``: the code before it, re-created here by patching the instances),
+so the table shows the ratio before and after each change; a ``torch.profiler`` table of the current
 step, the FLOPs of a step (``FlopCounterMode``) against the measured dense fp32 matmul rate,
 and the held-out IWELBO time (2,000 cells x 100 particles) before/after are written too.
 

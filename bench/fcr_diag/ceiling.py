@@ -1,15 +1,33 @@
 """Ceiling of held-out-pair group-mean R^2 on the factorized simulator with the TRUE generator,
-and how much of it needs the interaction z_tx (is g(c,t) of a held-out pair predictable?)."""
-import json, sys
-import numpy as np
-import pyro_perturb as pp
-from pyro_perturb.data.simulate import decoder_proportions
-from pyro_perturb.evaluate.metrics import group_r2, de_genes
+and how much of it needs the interaction z_tx (is g(c,t) of a held-out pair predictable?).
 
-def lognorm(counts):
+For each seed's held-out (line, drug) pairs: the group-mean R^2 of 20,000 cells drawn from the
+true generator with the true interaction mean g, with g = 0, with g averaged over the drug's
+other lines or the line's other drugs, and with a two-way additive fit of g on the training
+pairs; plus the line's control mean and a second 100-cell draw (the noise floor). Prints one
+JSON line per held-out pair (table 1 of ``bench/results/fcr_diagnosis.md``)::
+
+    python bench/fcr_diag/ceiling.py --seeds 0 1 2 > bench/results/fcr_diag_ceiling.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+
+def lognorm(counts: np.ndarray) -> np.ndarray:
+    """log2(1 + 1e4-normalised counts), cells x genes."""
     return np.log2(1 + 1e4 * counts / counts.sum(1, keepdims=True))
 
-def gen_mean(gt, zx_mean, zt_mean, ztx_mean, n, rng, lib_pool):
+
+def gen_mean(gt: dict, zx_mean: np.ndarray, zt_mean: np.ndarray, ztx_mean: np.ndarray, n: int,
+             rng: np.random.Generator, lib_pool: np.ndarray) -> np.ndarray:
+    """Mean log-normalised expression (genes,) of ``n`` cells drawn from the true generator
+    with the given block means (unit-variance blocks) and library sizes drawn from ``lib_pool``."""
+    from pyro_perturb.data.simulate import decoder_proportions
+
     lx, lt, ltx = len(zx_mean), len(zt_mean), len(ztx_mean)
     z = np.hstack([zx_mean + rng.standard_normal((n, lx)), zt_mean + rng.standard_normal((n, lt)),
                    ztx_mean + rng.standard_normal((n, ltx))])
@@ -19,9 +37,12 @@ def gen_mean(gt, zx_mean, zt_mean, ztx_mean, n, rng, lib_pool):
     counts = rng.poisson(rng.gamma(th, mean / th))
     return lognorm(counts.astype(float)).mean(0)
 
-def main():
-    out = []
-    for seed in [int(s) for s in sys.argv[1:]] or [0, 1, 2]:
+
+def main(args: argparse.Namespace) -> None:
+    import pyro_perturb as pp
+    from pyro_perturb.evaluate.metrics import de_genes, group_r2
+
+    for seed in args.seeds:
         a = pp.simulate.factorized(seed=seed)
         gt = a.uns["ground_truth"]
         X = np.asarray(a.X.todense()) if hasattr(a.X, "todense") else np.asarray(a.X)
@@ -63,9 +84,15 @@ def main():
                 pred = gen_mean(gt, A[ci], B[ti], g, 20000, rng, pool)
                 res[name] = group_r2(obs, pred)
                 res[name + " top20"] = group_r2(obs, pred, de_genes(obs, ctrl, 20))
-            out.append(res)
             print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in res.items()}), flush=True)
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog="Prints one JSON line per held-out pair to stdout.")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="simulator seeds")
+    return p.parse_args(argv)
+
+
 if __name__ == "__main__":
-    main()
+    main(parse_args())
