@@ -122,12 +122,29 @@ def cmd_evaluate(args) -> int:
     results = run.evaluate(
         _data_for(run, args.data), num_particles=args.num_particles, out_dir=out.parent, seed=args.seed,
         ate_particles=args.ate_particles, ate_plots=not args.no_plots, ate_ppc=not args.no_plots,
-        ate_memory_mb=args.ate_memory_mb,
+        ate_memory_mb=args.ate_memory_mb, ate_library=_ate_library(args.ate_library),
     )
     write_metrics(results, out)
     summary = {s: results[s].get("iwelbo") for s in ("train", "val", "test") if s in results}
     print(f"wrote {out}; iwelbo per split: {json.dumps(summary)}")
+    if results.get("comparison"):
+        from .evaluate.comparison import comparison_table
+
+        print(comparison_table(results["comparison"]))
     return 0
+
+
+def _ate_library(text: str):
+    """``--ate-library``: ``observed`` or a positive number."""
+    if text == "observed":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"--ate-library must be 'observed' or a number, got {text!r}") from None
+    if not value > 0:
+        raise UsageError(f"--ate-library must be positive, got {text!r}")
+    return value
 
 
 def cmd_predict(args) -> int:
@@ -227,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ate-particles", type=int, default=2500, help="posterior predictive particles of the model ATE")
     p.add_argument("--ate-memory-mb", type=float, help="working-memory budget (MB) of the model ATE: it uses the "
                    "largest treatment batch that fits (default 1024)")
+    p.add_argument("--ate-library", default="observed",
+                   help="library size of the model's drawn cells: 'observed' (each row at the depths of the held-out "
+                   "cells it is compared with; default) or a number, e.g. 1e4 (the SAMS-VAE paper's)")
     p.add_argument("--no-plots", action="store_true", help="skip the PPC export and PNG plots")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

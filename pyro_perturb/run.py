@@ -41,6 +41,7 @@ DATA_KEYS = (
     "split_key",
     "combination_separator",
     "dose_key",
+    "heldout_control_fraction",
 )
 
 # the built-in datasets used when no data is given: simulator name and encoding options
@@ -110,6 +111,8 @@ class Run:
         if isinstance(data, (str, os.PathLike)):
             data = read_data(data)
         opts = {"split_key": self.data_options.get("split_key", "split"), "seed": self.train_config.seed}
+        if "heldout_control_fraction" in self.data_options:  # the training split's, so that controls match
+            opts["heldout_control_fraction"] = self.data_options["heldout_control_fraction"]
         opts.update(options)
         return PerturbationData.from_anndata(data, spec=self.spec, **opts)
 

@@ -76,7 +76,8 @@ def test_doses_numeric_and_per_component():
 
 def test_covariates_and_split_column():
     adata = make_adata(line=np.tile(["x", "y"], 40), split=np.repeat(["train", "val", "test", "train"], 20))
-    data = PerturbationData.from_anndata(adata, covariate_keys=["line"])
+    # the column as given (all controls in training; hold_out_controls is tested in test_splits.py)
+    data = PerturbationData.from_anndata(adata, covariate_keys=["line"], heldout_control_fraction=0)
     assert data.spec.covariate_categories == [["x", "y"]]
     assert data.covariates[:4, 0].tolist() == [0, 1, 0, 1]
     assert len(data.indices("train")) == 40 and len(data.indices("test")) == 20

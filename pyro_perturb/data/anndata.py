@@ -34,7 +34,7 @@ import scipy.sparse as sp
 import torch
 
 from .batch import Batch
-from .splits import random_split
+from .splits import HELDOUT_CONTROL_FRACTION, hold_out_controls, random_split
 
 SPLITS = ("train", "val", "test")
 _CHUNK = 4096  # rows read at a time when scanning counts (bounded memory on backed data)
@@ -211,6 +211,7 @@ class PerturbationData:
         spec: DataSpec | None = None,
         seed: int = 0,
         require_expressed_genes: bool | None = None,
+        heldout_control_fraction: float = HELDOUT_CONTROL_FRACTION,
     ) -> "PerturbationData":
         """Validate and encode ``adata``.
 
@@ -221,7 +222,10 @@ class PerturbationData:
             covariate_keys: categorical ``obs`` columns used as covariates.
             layer: read counts from ``adata.layers[layer]`` instead of ``adata.X``.
             split_key: ``obs`` column with ``train``/``val``/``test``; when absent a
-                seeded random 64/16/20 cell split is drawn.
+                seeded random 64/16/20 cell split is drawn. A column that keeps every
+                control cell in training while holding other cells out gets
+                ``heldout_control_fraction`` of the controls moved to ``test``, with a
+                warning (:func:`~pyro_perturb.data.splits.hold_out_controls`).
             combination_separator: separator of combination labels (``"A+B"``).
             dose_key: optional ``obs`` column of doses: a number scales every component,
                 a string such as ``"1.0+0.5"`` gives one dose per component.
@@ -231,6 +235,8 @@ class PerturbationData:
             seed: seed of the random split.
             require_expressed_genes: refuse genes with zero counts in every cell
                 (default: True when building a new vocabulary, False with ``spec``).
+            heldout_control_fraction: see ``split_key`` (0 keeps the column as given);
+                seeded by ``seed``.
         """
         if not hasattr(adata, "obs") or not hasattr(adata, "X"):
             raise ValueError(f"expected an AnnData object, got {type(adata).__name__}")
@@ -407,6 +413,8 @@ class PerturbationData:
                 raise ValueError(
                     f"obs[{split_key!r}] may only hold {SPLITS}; found {_names(bad)}"
                 )
+            cell_canon = np.asarray(canon_of_unique, dtype=object)[inverse]
+            split = hold_out_controls(split, cell_canon, control, heldout_control_fraction, seed)
         else:
             split = random_split(n_cells, seed=seed)
 

@@ -9,12 +9,17 @@ Three helpers:
   a held-out set of combinations forms the test set, and only a fraction of the other
   combinations is kept for training.
 
+and a guard, :func:`hold_out_controls`: a split that keeps every control cell in training
+gets a fraction of them moved to ``"test"``, so that held-out effects can be measured
+against controls the model (and the baselines) never saw.
+
 All of them are deterministic given ``seed`` and never modify their input.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Sequence
 
 import anndata as ad
@@ -26,7 +31,12 @@ __all__ = [
     "random_split",
     "heldout_perturbation_split",
     "combinatorial_split",
+    "hold_out_controls",
+    "HELDOUT_CONTROL_FRACTION",
 ]
+
+#: default fraction of the control cells :func:`hold_out_controls` moves to "test"
+HELDOUT_CONTROL_FRACTION = 0.2
 
 #: The split names, in the order used for the categorical ``obs["split"]`` column.
 SPLITS: tuple[str, str, str] = ("train", "val", "test")
@@ -284,4 +294,63 @@ def combinatorial_split(
         "val_fraction": val_fraction,
         "seed": int(seed),
     }
+    return out
+
+
+def hold_out_controls(
+    split: np.ndarray,
+    labels: np.ndarray,
+    control: str,
+    fraction: float = HELDOUT_CONTROL_FRACTION,
+    seed: int = 0,
+) -> np.ndarray:
+    """Move a seeded fraction of the control cells to "test" when none is held out.
+
+    Effects on held-out cells must be measured against held-out control cells: against the
+    training controls, the control's sampling noise is shared by the observed effect and by
+    every baseline built on the training cells, which correlates them and flatters the
+    baselines. A user's split column often keeps all controls in training; then
+    ``round(fraction * n_controls)`` of them (at least 1, leaving at least 1 in training),
+    chosen by a permutation seeded by ``seed``, go to "test", with a ``UserWarning`` that
+    says how many. The split is returned unchanged when some control cell is already in
+    "val" or "test", when no cell of another label is held out (nothing is evaluated on
+    held-out cells), when ``fraction`` is 0, or when there are fewer than 2 control cells.
+
+    Args:
+        split: (n_cells,) "train" / "val" / "test" per cell.
+        labels: (n_cells,) each cell's label (the control's is ``control``).
+        control: the control label.
+        fraction: share of the control cells to hold out, in [0, 1).
+        seed: random seed; the chosen cells depend only on it and on the positions of the
+            control cells.
+
+    Returns:
+        A new (n_cells,) array of str (the input is not modified).
+
+    Raises:
+        ValueError: mismatched lengths or ``fraction`` outside [0, 1).
+    """
+    fraction = _check_fraction("heldout_control_fraction", fraction, high_open=True)
+    split = np.asarray(split).astype(str)
+    labels = np.asarray(labels)
+    if split.shape != labels.shape or split.ndim != 1:
+        raise ValueError(f"split has shape {split.shape} and labels {labels.shape}: both must be (n_cells,)")
+    out = split.copy()
+    is_control = labels == control
+    controls = np.flatnonzero(is_control)
+    if fraction == 0.0 or controls.size < 2 or (out[controls] != "train").any():
+        return out
+    if not ((out != "train") & ~is_control).any():
+        return out
+    n_out = min(max(_round_half_up(fraction * controls.size), 1), controls.size - 1)
+    chosen = np.sort(np.random.default_rng(seed).permutation(controls)[:n_out])
+    out[chosen] = "test"
+    warnings.warn(
+        f"the split puts all {controls.size} control cells ({control!r}) in training; {n_out} of them "
+        f"({fraction:.0%}, seeded by seed={seed}) were moved to 'test' so that held-out effects are measured "
+        "against held-out controls. Hold controls out in the split column, or pass "
+        "heldout_control_fraction=0 to keep the split as given",
+        UserWarning,
+        stacklevel=3,
+    )
     return out

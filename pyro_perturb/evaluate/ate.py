@@ -9,8 +9,9 @@ Definitions (docs/evaluation.md, "Average treatment effects"):
   of ``num_particles`` particles the global latents are drawn from the guide, the basal
   state from the prior (the guide samples no local site when ``batch.x is None``), the
   dosage is set with :func:`pyro.poutine.do` to the treatment's (and to 0 for the
-  control), the library is fixed at 1e4, counts are sampled, normalised the same way and
-  averaged over particles (:func:`~.predictive.model_ate`). It runs as
+  control), the library is set (see "Sequencing depth" below), counts are sampled,
+  normalised the same way and averaged over particles (:func:`~.predictive.model_ate`,
+  through the model-effects API ``model_effects``). It runs as
   ``pyro.infer.Predictive`` (vectorised over particles) on the model's device, in blocks
   of particles (globals drawn once per block, shared by every treatment and the control)
   and batches of treatments sized to a working-memory budget
@@ -28,11 +29,23 @@ its cells are all in the test split (held-out combinations); "all" is every non-
 label. The data ATE used for the metrics comes from held-out cells (val and test) by
 default, so that "model ATE tracks data ATE" is measured on cells the model never saw.
 
+Sequencing depth: by default (``library="observed"``) the model draws each row's cells
+at the library sizes of the observed cells that row is compared with (the label's
+held-out cells, the held-out controls for the control row; :func:`.comparison.heldout_pools`),
+because the mean of ``log2(1 + normalised)`` depends on depth: at 100-200 UMIs per cell
+it is a different statistic from the one at 1e4. ``library=1e4`` (the paper's) is an
+option; the output names the depth used.
+
+Honest baselines: :mod:`.comparison` scores the model beside the baselines of
+:mod:`.baselines` (training cells only) against held-out cells and held-out controls, in
+both effect statistics, per group of labels (``results["comparison"]``, ``comparison.csv``).
+
 Modules: :mod:`.data_stats` (data ATE, treatment splits, representable labels),
 :mod:`.predictive` (model ATE), :mod:`.streams` (its per-row random streams),
-:mod:`.ate_memory` (its working-memory model); this one puts them together
-(:func:`ate_results`) and is the ``evaluate`` hook (:func:`ate_evaluator`), which writes
-the CSVs, the posterior predictive check (netCDF) and the plots.
+:mod:`.ate_memory` (its working-memory model), :mod:`.baselines` and :mod:`.comparison`;
+this one puts them together (:func:`ate_results`) and is the ``evaluate`` hook
+(:func:`ate_evaluator`), which writes the CSVs, the posterior predictive check (netCDF)
+and the plots.
 """
 
 from __future__ import annotations
@@ -45,10 +58,12 @@ import pandas as pd
 
 from ..data import PerturbationData
 from ..data.anndata import canonical_label
+from ._effects_shim import model_effects  # the model-effects API; lead: switch to `from .predictive import model_effects`
+from .comparison import compare_effects, comparison_frame, heldout_pools
 from .data_stats import data_ate, representable_labels, treatment_splits
 from .metrics import ate_metrics
 from .ppc import posterior_predictive_check
-from .predictive import DEFAULT_PARTICLES, model_ate
+from .predictive import DEFAULT_PARTICLES
 
 __all__ = ["ATE_SPLITS", "ate_results", "ate_evaluator"]
 
@@ -74,19 +89,31 @@ def ate_results(
     device=None,
     data_cells="heldout",
     memory_mb: float | None = None,
+    library="observed",
 ) -> dict:
-    """Data ATE, model ATE and metrics per treatment split.
+    """Data ATE, model ATE and metrics per treatment split, and the model beside the
+    baselines (:func:`~.comparison.compare_effects`).
+
+    Args:
+        library: depth of the model's drawn cells: ``"observed"`` (default: per row, the
+            library sizes of the held-out cells it is compared with,
+            :func:`~.comparison.heldout_pools`) or a number (``1e4``: the paper's).
 
     Returns:
         dict with ``data`` and ``model`` (DataFrames; the model's has NaN rows for labels
         it cannot represent), ``splits`` (label -> split), ``metrics``
         (``{"all"|"train"|"test": {ate_pearson, ate_r2, ate_pearson_top20, ate_r2_top20,
-        ate_n_treatments}}``), ``notes`` (label -> reason for a null), and, when the data
-        carries a simulator's true ATE, ``true`` (DataFrame) and ``metrics_true``.
+        ate_n_treatments}}``), ``notes`` (label -> reason for a null), ``library`` (the
+        depth, in words), ``prediction`` (the model's ``EffectPrediction``),
+        ``comparison`` (the block of :func:`~.comparison.compare_effects`) and
+        ``comparison_frames``, and, when the data carries a simulator's true ATE,
+        ``true`` (DataFrame; at the observed depth when the model is and the simulator
+        gives it) and ``metrics_true``.
     """
+    observed_depth = _is_observed(library)
     data_df, n_cells = data_ate(data, cells=data_cells)
     labels = list(data_df.index)
-    truth = _true_ate(data)
+    truth = _true_ate(data, observed_depth=observed_depth)
     if truth is not None:  # also predict labels only the simulator knows (no cells here)
         for lab in truth.index:
             if lab not in labels:
@@ -96,8 +123,10 @@ def ate_results(
                     continue
                 labels.append(lab)
     ok, notes = representable_labels(model, data, labels)
-    pred = model_ate(model, guide, data.spec, ok, num_particles=num_particles, seed=seed, device=device, memory_mb=memory_mb)
-    model_df = pred.reindex(labels)
+    depth = heldout_pools(data, ok) if observed_depth else float(library)
+    prediction = model_effects(model, guide, data.spec, ok, library=depth, num_particles=num_particles, seed=seed,
+                               device=device, memory_mb=memory_mb)
+    model_df = prediction.ate.reindex(labels)
     splits = treatment_splits(data)
     groups = {
         "all": list(data_df.index),
@@ -116,7 +145,12 @@ def ate_results(
         "splits": splits,
         "metrics": metrics,
         "notes": notes,
+        "library": prediction.library,
+        "prediction": prediction,
     }
+    out["comparison"], out["comparison_frames"] = compare_effects(
+        data, prediction, library_option="observed" if observed_depth else float(library)
+    )
     if truth is not None:
         truth = truth.loc[[lab for lab in truth.index if lab in model_df.index]]
         groups_t = {
@@ -130,12 +164,26 @@ def ate_results(
     return out
 
 
-def _true_ate(data: PerturbationData) -> pd.DataFrame | None:
-    """The simulator's true ATE (``uns["ground_truth"]["ate"]``), if the data has one."""
+def _is_observed(library) -> bool:
+    """``"observed"`` or a positive number (the library of every drawn cell)."""
+    if isinstance(library, str):
+        if library != "observed":
+            raise ValueError(f"ate_library must be 'observed' or a positive number, got {library!r}")
+        return True
+    if isinstance(library, bool) or not isinstance(library, (int, float, np.integer, np.floating)) or not library > 0:
+        raise ValueError(f"ate_library must be 'observed' or a positive number, got {library!r}")
+    return False
+
+
+def _true_ate(data: PerturbationData, observed_depth: bool = False) -> pd.DataFrame | None:
+    """The simulator's true ATE, if the data has one: ``uns["ground_truth"]["ate"]`` (cells
+    at library 1e4), or with ``observed_depth`` its ``"ate_observed_depth"`` (cells at the
+    simulated depth) when present."""
     gt = getattr(data.adata, "uns", {}).get("ground_truth") if data.adata is not None else None
     if not isinstance(gt, dict) or "ate" not in gt or "ate_labels" not in gt:
         return None
-    ate = np.asarray(gt["ate"], dtype=np.float64)
+    key = "ate_observed_depth" if observed_depth and "ate_observed_depth" in gt else "ate"
+    ate = np.asarray(gt[key], dtype=np.float64)
     if ate.ndim != 2 or ate.shape[1] != data.spec.n_genes:
         return None
     labels = [canonical_label(str(lab), data.spec.control, data.spec.separator) for lab in gt["ate_labels"]]
@@ -146,26 +194,35 @@ def _true_ate(data: PerturbationData) -> pd.DataFrame | None:
 def ate_evaluator(
     run, data: PerturbationData, results: dict, out_dir: Path | None, seed: int, options: dict | None = None
 ) -> None:
-    """``evaluate`` hook: ATE metrics per treatment split, CSVs, PPC export and plots.
+    """``evaluate`` hook: ATE metrics per treatment split, the model beside the baselines,
+    CSVs, PPC export and plots.
 
     Adds ``results["ate"]`` = ``{"all"|"train"|"test": metrics, "notes": ...,
-    "num_particles": ...}`` and copies the train / test treatment-split metrics into
-    ``results["train"]`` / ``results["test"]``. Options (``evaluate_run(options=...)``):
-    ``ate_particles`` (default 2500), ``ate_ppc`` (default True), ``ate_plots`` (default
-    True), ``ppc_draws`` (default 30), ``ate_data_cells`` (default ``"heldout"``),
-    ``ate_memory_mb`` (working-memory budget of the model ATE, default 1024).
+    "num_particles": ..., "library": ...}``, ``results["comparison"]`` (the block of
+    :func:`~.comparison.compare_effects`), and copies the train / test treatment-split
+    metrics into ``results["train"]`` / ``results["test"]``. Options
+    (``evaluate_run(options=...)``): ``ate_particles`` (default 2500), ``ate_library``
+    (``"observed"``, default, or a number such as ``1e4``), ``ate_ppc`` (default True),
+    ``ate_plots`` (default True), ``ppc_draws`` (default 30), ``ate_data_cells`` (default
+    ``"heldout"``), ``ate_memory_mb`` (working-memory budget of the model ATE, default 1024).
     """
     if data.spec.n_perturbations == 0:
         return
     opts = dict(options or {})
     num_particles = int(opts.get("ate_particles", DEFAULT_PARTICLES))
     memory_mb = opts.get("ate_memory_mb")
+    library = opts.get("ate_library", "observed")
+    if library is None:
+        library = "observed"
     res = ate_results(
         run.model, run.guide, data, num_particles=num_particles, seed=seed, device=run.device,
         data_cells=opts.get("ate_data_cells", "heldout"), memory_mb=None if memory_mb is None else float(memory_mb),
+        library=library,
     )
     block = {s: res["metrics"][s] for s in ATE_SPLITS}
     block["num_particles"] = num_particles
+    block["library"] = res["library"]
+    block["ate_library"] = library if isinstance(library, str) else float(library)
     if memory_mb is not None:
         block["memory_mb"] = float(memory_mb)
     block["composes"] = bool(getattr(run.model, "composes", True))
@@ -182,6 +239,7 @@ def ate_evaluator(
         block["vs_true_ate"] = res["metrics_true"]
         block["data_vs_true_ate"] = res["metrics_data_vs_true"]
     results["ate"] = block
+    results["comparison"] = res["comparison"]
     for s in ("train", "test"):
         if s in results and isinstance(results[s], dict):
             results[s].update({k: v for k, v in res["metrics"][s].items()})
@@ -193,6 +251,8 @@ def ate_evaluator(
     res["data"].to_csv(out_dir / "ate_data.csv")
     if "true" in res:
         res["true"].to_csv(out_dir / "ate_true.csv")
+    if "skipped" not in res["comparison"]:
+        comparison_frame(res["comparison"]).to_csv(out_dir / "comparison.csv", index=False)
     if opts.get("ate_ppc", True):
         idata = posterior_predictive_check(run.model, run.guide, data, seed=seed, device=run.device,
                                            num_draws=int(opts.get("ppc_draws", 30)))

@@ -8,6 +8,9 @@
 * :func:`representable_labels`: the labels a model can predict, and why not the others.
 * :func:`cell_indices`: the cells a selection (``"heldout"``, ``"all"``, a split name or
   indices) names, shared with the posterior predictive check.
+* :func:`covariate_strings`: each cell's covariate values joined with ``"|"``.
+* :func:`cell_means`: per group of cells, the mean log-normalised and the mean normalised
+  expression (the two effect statistics' building blocks), in one pass over the counts.
 """
 
 from __future__ import annotations
@@ -16,9 +19,27 @@ import numpy as np
 import pandas as pd
 
 from ..data import PerturbationData
-from ..normalize import lognormalize
+from ..normalize import lognormalize, normalize_total
 
-__all__ = ["cell_indices", "data_ate", "treatment_splits", "representable_labels"]
+__all__ = ["COVARIATE_SEP", "cell_indices", "cell_means", "covariate_strings", "data_ate", "treatment_splits", "representable_labels"]
+
+
+#: joins a cell's covariate values (``"line_1|donor_2"``)
+COVARIATE_SEP = "|"
+
+
+def covariate_strings(data: PerturbationData, idx: np.ndarray | None = None) -> np.ndarray:
+    """Each cell's covariate values joined with ``"|"``."""
+    spec = data.spec
+    codes = data.covariates if idx is None else data.covariates[idx]
+    cols = [np.asarray(cats, dtype=object)[codes[:, k]] for k, cats in enumerate(spec.covariate_categories)]
+    if not cols:
+        return np.full(codes.shape[0], "", dtype=object)
+    out = cols[0].astype(str)
+    for col in cols[1:]:
+        out = np.char.add(np.char.add(out.astype(str), COVARIATE_SEP), col.astype(str))
+    return np.asarray(out, dtype=object)
+
 
 
 def cell_indices(data: PerturbationData, cells) -> np.ndarray:
@@ -51,16 +72,8 @@ def data_ate(data: PerturbationData, cells="heldout", min_cells: int = 1, chunk:
     control = data.spec.control
 
     def means(index: np.ndarray) -> tuple[dict, dict]:
-        sums, counts = {}, {}
-        labs = labels_all[index]
-        for start in range(0, len(index), chunk):
-            sub, sub_labs = index[start : start + chunk], labs[start : start + chunk]
-            ln = lognormalize(data.read_counts(sub).astype(np.float64))
-            for lab in np.unique(sub_labs):
-                rows = sub_labs == lab
-                sums[lab] = sums.get(lab, 0.0) + ln[rows].sum(0)
-                counts[lab] = counts.get(lab, 0) + int(rows.sum())
-        return sums, counts
+        sums, counts = _sums(data, index, labels_all[index], chunk, normalized=False)
+        return {k: v[0] for k, v in sums.items()}, counts
 
     sums, counts = means(idx)
     present = set(np.unique(labels_all))
@@ -78,6 +91,58 @@ def data_ate(data: PerturbationData, cells="heldout", min_cells: int = 1, chunk:
     return (
         pd.DataFrame(ate, index=pd.Index(order, name="perturbation"), columns=data.spec.genes),
         pd.Series({lab: counts[lab] for lab in order}, name="n_cells"),
+    )
+
+
+def _sums(data: PerturbationData, index: np.ndarray, keys: np.ndarray, chunk: int, normalized: bool) -> tuple[dict, dict]:
+    """Per key: the sums over its cells of the log-normalised (and, with ``normalized``,
+    the normalised) expression, and its cell count; one pass over the counts."""
+    sums: dict = {}
+    counts: dict = {}
+    for start in range(0, len(index), chunk):
+        sub, sub_keys = index[start : start + chunk], keys[start : start + chunk]
+        x = data.read_counts(sub).astype(np.float64)
+        ln = lognormalize(x)
+        norm = normalize_total(x) if normalized else None
+        for key in np.unique(sub_keys):
+            rows = sub_keys == key
+            parts = [ln[rows].sum(0)] + ([norm[rows].sum(0)] if normalized else [])
+            old = sums.get(key)
+            sums[key] = parts if old is None else [a + b for a, b in zip(old, parts)]
+            counts[key] = counts.get(key, 0) + int(rows.sum())
+    return sums, counts
+
+
+def cell_means(
+    data: PerturbationData, idx: np.ndarray, keys: np.ndarray | None = None, chunk: int = 4096
+) -> tuple[pd.Series, pd.DataFrame, pd.DataFrame]:
+    """Mean expression of each group of the cells ``idx``, in both effect statistics' units.
+
+    Args:
+        data: encoded data.
+        idx: cell indices.
+        keys: ``(len(idx),)`` the group of each cell (default: its canonical label).
+        chunk: cells read at a time.
+
+    Returns:
+        ``(n_cells, lognorm, normalized)``: per group (index sorted by key) the number of
+        cells, the mean of ``log2(1 + 1e4 x / T)`` and the mean of ``1e4 x / T`` (counts
+        per 1e4; T = the cell's total), each DataFrame groups x genes.
+    """
+    idx = np.asarray(idx, dtype=np.int64)
+    keys = data.label_names(idx) if keys is None else np.asarray(keys)
+    if keys.shape != idx.shape:
+        raise ValueError(f"keys has shape {keys.shape}, expected {idx.shape} (one per cell of idx)")
+    sums, counts = _sums(data, idx, keys, chunk, normalized=True)
+    order = sorted(counts)
+    G = data.spec.n_genes
+    index = pd.Index(order, name="group")
+    lognorm = np.stack([sums[k][0] / counts[k] for k in order]) if order else np.zeros((0, G))
+    normalized = np.stack([sums[k][1] / counts[k] for k in order]) if order else np.zeros((0, G))
+    return (
+        pd.Series({k: counts[k] for k in order}, name="n_cells", dtype=np.int64).reindex(index),
+        pd.DataFrame(lognorm, index=index, columns=data.spec.genes),
+        pd.DataFrame(normalized, index=index, columns=data.spec.genes),
     )
 
 

@@ -44,10 +44,12 @@ from pyro import poutine
 
 from ..data import Batch, PerturbationData
 from ..normalize import LIBRARY, lognormalize
+from .baselines import covariate_additive
+from .data_stats import COVARIATE_SEP, covariate_strings
 from .metrics import clustering_scores, de_genes, dhsic, group_r2
 
 MIN_CELLS = 30  # groups with more than this many cells are scored
-SEP = "|"
+SEP = COVARIATE_SEP
 _LN2 = math.log(2.0)
 
 
@@ -146,19 +148,6 @@ def _predict(model, guide, spec, codes, label, lib, seed, device, batch_size, me
 # --------------------------------------------------------------------------- observed data
 
 
-def covariate_strings(data: PerturbationData, idx: np.ndarray | None = None) -> np.ndarray:
-    """Each cell's covariate values joined with ``"|"``."""
-    spec = data.spec
-    codes = data.covariates if idx is None else data.covariates[idx]
-    cols = [np.asarray(cats, dtype=object)[codes[:, k]] for k, cats in enumerate(spec.covariate_categories)]
-    if not cols:
-        return np.full(codes.shape[0], "", dtype=object)
-    out = cols[0].astype(str)
-    for col in cols[1:]:
-        out = np.char.add(np.char.add(out.astype(str), SEP), col.astype(str))
-    return np.asarray(out, dtype=object)
-
-
 def _library_pools(data: PerturbationData) -> dict:
     """Observed library sizes per covariate codes (training cells; all cells if none)."""
     idx = data.indices("train")
@@ -202,23 +191,12 @@ def observed_group_means(data: PerturbationData, idx: np.ndarray, chunk: int = 4
 def additive_baseline(train_means: pd.DataFrame, cov: str, label: str, control: str) -> np.ndarray | None:
     """The plain baseline for group (cov, label), in log-normalised space:
     ``mean(cov, control) + mean over other covariates c' of [mean(c', label) - mean(c', control)]``
-    from the training group means of :func:`observed_group_means`. ``None`` when it cannot be
+    from the training group means of :func:`observed_group_means`
+    (:func:`~pyro_perturb.evaluate.baselines.covariate_additive`). ``None`` when it cannot be
     formed (no control of ``cov``, or no other covariate with both groups)."""
     genes = [c for c in train_means.columns if c not in ("n_cells", "_cov", "_label")]
-    table = {(r["_cov"], r["_label"]): r for _, r in train_means.iterrows()}
-    if (cov, control) not in table:
-        return None
-    base = table[(cov, control)][genes].to_numpy(dtype=float)
-    if label == control:
-        return base
-    shifts = [
-        table[(c2, label)][genes].to_numpy(dtype=float) - table[(c2, control)][genes].to_numpy(dtype=float)
-        for (c2, l2) in table
-        if l2 == label and c2 != cov and (c2, control) in table
-    ]
-    if not shifts:
-        return None
-    return base + np.mean(shifts, axis=0)
+    table = {(r["_cov"], r["_label"]): r[genes].to_numpy(dtype=float) for _, r in train_means.iterrows()}
+    return covariate_additive(table, cov, label, control)
 
 
 # --------------------------------------------------------------------------- the evaluator
