@@ -27,6 +27,7 @@ class ModelEntry:
     train_defaults: dict = field(default_factory=dict)
     model_defaults: dict = field(default_factory=dict)  # overrides of signature defaults
     default_data: str = "combinatorial"  # built-in simulator used when no data is given
+    needs_perturbations: bool = True  # False: also trains on control-only data (the model ignores labels)
 
     @property
     def model_cls(self) -> type:
@@ -194,5 +195,6 @@ for _name, _desc, _model, _guide in [
             guide=f"pyro_perturb.guides.svae:{_guide}",
             train_defaults=dict(SVAE_TRAIN_DEFAULTS),
             default_data="sparse_shift",
+            needs_perturbations=_name not in ("vae", "beta_vae"),  # these two never see the label
         )
     )

@@ -30,7 +30,7 @@ from .infer import distributed
 from .infer.checkpoint import atomic_json, atomic_torch_save, safe_load
 from .infer.engine import TrainConfig, resolve_device, train, write_history
 from .infer.iwelbo import iwelbo as _iwelbo
-from .registry import build, get_entry
+from .registry import build, get_entry, list_models
 from .version import __version__
 
 DATA_KEYS = (
@@ -129,13 +129,9 @@ class Run:
         idx = np.arange(data.n_cells) if indices is None else np.asarray(indices)
         for start in range(0, len(idx), batch_size):
             sub = idx[start : start + batch_size]
-            # a batch holds its cells in sorted order; put the rows back in sub's order
-            order = np.argsort(sub, kind="stable")
-            back = np.empty_like(order)
-            back[order] = np.arange(len(order))
             out = self.guide.posterior_latents(data.batch(sub, device=self.device))
             for k, v in out.items():
-                parts.setdefault(k, []).append(v.cpu().numpy()[back])
+                parts.setdefault(k, []).append(v.cpu().numpy())
         return {k: np.concatenate(v) for k, v in parts.items()}
 
     def predict(self, adata):
@@ -331,6 +327,12 @@ def fit(
     else:
         opts = {k: v for k, v in data_options.items() if k in DATA_KEYS}
         pdata = PerturbationData.from_anndata(adata, seed=train_cfg.seed, **opts)
+    if entry.needs_perturbations and pdata.spec.n_perturbations == 0:
+        raise ValueError(
+            f"model {model!r} needs perturbed cells, but obs[{pdata.spec.perturbation_key!r}] holds only the "
+            f"control label {pdata.spec.control!r}; check the column and control=... (--control), or train a "
+            f"model of unperturbed cells: {', '.join(e.name for e in list_models() if not e.needs_perturbations)}"
+        )
     data_options = {**data_options, "source": source}
 
     # parameter initialisation is part of what the seed fixes
