@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 import pyro_perturb as pp
+from pyro_perturb import contract
 from pyro_perturb.evaluate import write_metrics
 from pyro_perturb.evaluate.metrics import match_latents, target_identification
 
@@ -68,12 +69,12 @@ def main(args) -> dict:
     write_metrics(results, out / "metrics.json")
 
     # SAMS-VAE's masks against the simulator's true sparse targets (after matching latents)
-    probs = getattr(run.guide, "mask_probabilities", None)
-    if probs is not None:
+    masks = contract.mask_probabilities(run.guide)
+    if masks is not None:
         gt = adata.uns["ground_truth"]
-        order = [run.spec.perturbations.index(p) for p in gt["perturbations"]]
+        order = [masks.labels.index(p) for p in gt["perturbations"]]
         match, _ = match_latents(adata.obsm["z_true"], run.latents(run.data)["X_latent"])
-        results["targets"] = target_identification(gt["targets"], probs().numpy()[order], match)
+        results["targets"] = target_identification(gt["targets"], masks.probabilities[order], match)
 
     ate = results["ate"]
     print(f"test IWELBO {results['test']['iwelbo']:.2f} nats/cell")

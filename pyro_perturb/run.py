@@ -310,7 +310,7 @@ def fit(
         data = source["path"]
         backed = source.get("backed", False) if backed is None else backed
     if data is None:
-        builtin = (source or {}).get("builtin", getattr(entry, "default_data", "combinatorial"))
+        builtin = (source or {}).get("builtin", entry.default_data)
         seed = data_seed if data_seed is not None else (source or {}).get("seed", train_cfg.seed)
         adata, builtin_opts = builtin_data(builtin, seed=seed)
         data_options = {**builtin_opts, **data_options}

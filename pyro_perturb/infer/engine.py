@@ -15,7 +15,7 @@ checkpoints inside an epoch). A run killed at any point resumes from its last ch
 mid-epoch ones included, and ends with the same parameters as an uninterrupted run.
 Under ``torchrun`` the same loop trains data-parallel (:mod:`.distributed`).
 
-Optional hooks a model may define (FCR uses them):
+Optional hooks a model may define (FCR uses them; :mod:`pyro_perturb.contract`):
 * ``model.auxiliary_loss(guide, batch) -> Tensor``: added to the negative ELBO;
 * ``model.adversary`` (an ``nn.Module``) and ``model.adversary_loss(guide, batch)``:
   trained by a separate Adam after each main step (adversarial regularisers).
@@ -37,6 +37,7 @@ import pyro
 import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
+from .. import contract
 from ..data import PerturbationData
 from .checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
 from .distributed import (
@@ -298,20 +299,21 @@ def train(
         raise ValueError("the training split is empty: no cell has split 'train'")
     has_val = len(data.indices("val")) > 0
 
-    adversary = getattr(model, "adversary", None)
+    settings = contract.optimizer_settings(model, guide)
+    adversary = settings.adversary
     adversary_params = set(id(p) for p in adversary.parameters()) if adversary is not None else set()
-    multipliers = {**getattr(model, "lr_multipliers", {}), **getattr(guide, "lr_multipliers", {}), **cfg.lr_multipliers}
+    multipliers = {**settings.lr_multipliers, **cfg.lr_multipliers}
     optimizer = torch.optim.Adam(
         _param_groups([model, guide], cfg, multipliers, adversary_params), lr=cfg.lr, weight_decay=cfg.weight_decay
     )
     adv_optimizer = (
-        torch.optim.Adam(adversary.parameters(), lr=getattr(model, "adversary_lr", cfg.lr))
+        torch.optim.Adam(adversary.parameters(), lr=cfg.lr if settings.adversary_lr is None else settings.adversary_lr)
         if adversary is not None
         else None
     )
     adv_optimizer = adversary_optimizer(adv_optimizer, ctx)
     elbo = make_elbo(cfg.elbo, cfg.num_particles, model.max_plate_nesting)
-    aux = getattr(model, "auxiliary_loss", None)
+    aux = contract.auxiliary_loss(model)
 
     history: list[dict] = []
     start_epoch, best_val, bad_epochs, best, stopped_early = 0, math.inf, 0, None, False
