@@ -10,9 +10,12 @@ annealing is a linear warm-up of ``batch.kl_weight``, which models apply with
 ``poutine.scale`` to their latent sites.
 
 Each epoch ends with a validation ELBO, early stopping on it (the best state is kept),
-an atomic checkpoint, and a row of ``history.csv`` (``checkpoint_every_steps`` adds
-checkpoints inside an epoch). A run killed at any point resumes from its last checkpoint,
-mid-epoch ones included, and ends with the same parameters as an uninterrupted run.
+an atomic checkpoint, and a row of ``history.csv`` (``val_every_steps`` adds validations
+inside long epochs, ``checkpoint_every_steps`` checkpoints). The budget is ``max_epochs``
+and, when set, ``max_steps`` optimizer steps (reached mid-epoch, that partial epoch is
+validated and logged). The loop's state is one :class:`LoopState`. A run killed at any
+point resumes from its last checkpoint, mid-epoch ones included, and ends with the same
+parameters as an uninterrupted run.
 Under ``torchrun`` the same loop trains data-parallel (:mod:`.distributed`).
 
 Optional hooks a model may define (FCR uses them):
