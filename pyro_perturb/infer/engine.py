@@ -82,7 +82,9 @@ class TrainConfig:
         weight_decay: Adam (L2) weight decay.
         clip_norm: gradient-norm clipping (``None``: off).
         num_particles: ELBO particles, vectorised.
-        kl_warmup_epochs: epochs of linear KL annealing from ~0 to 1 (0: none).
+        kl_warmup_epochs: epochs of linear KL annealing from ~0 to 1 (0: none). In
+            epochs, also under ``max_steps``: on a data set whose epochs are longer than
+            ``max_steps / kl_warmup_epochs`` steps the warm-up does not finish.
         early_stopping_patience: validations without improvement before stopping
             (``None``: never stop early): epochs, unless ``val_every_steps`` adds
             validations inside long epochs, which count too.
