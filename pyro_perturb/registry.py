@@ -264,12 +264,38 @@ def build(
     return model, guide, full
 
 
+# ---------------------------------------------------------------- training budget
+# Every entry's defaults cap training in optimizer steps (TrainConfig.max_steps), so that
+# the default budget does not grow with the data: about DEFAULT_CELLS_SEEN cells seen,
+# max_steps = DEFAULT_CELLS_SEEN // batch_size (4,000 steps at batch 512, 16,000 at 128),
+# with a validation every max_steps // 20 steps inside longer epochs (val_every_steps,
+# ~100k cells: a data set whose single epoch outlasts the budget still keeps its best
+# state and can stop early). Each family's max_epochs (100) stays as a second cap: it is
+# the smaller budget up to ~20k training cells, the size of every data set the defaults
+# were chosen and benchmarked on, which therefore train exactly as with epochs alone. On
+# Papalexi 2021 (13,266 training cells) the runs at the defaults ended well inside the
+# step budget: the SAMS-VAE family stopped early after <= 2,000 steps, SVAE+ after ~6,800
+# (bench/results/sams_vae_results.md). An explicit max_epochs without max_steps drops the
+# step budget (``fit``), so explicit epoch budgets train as they always did.
+DEFAULT_CELLS_SEEN = 2_048_000
+STEP_BUDGET_KEYS = ("max_steps", "val_every_steps")
+
+
+def with_step_budget(train_defaults: dict) -> dict:
+    """``train_defaults`` plus the step budget of its batch size (see above)."""
+    from .infer.engine import TrainConfig
+
+    max_steps = DEFAULT_CELLS_SEEN // train_defaults.get("batch_size", TrainConfig.batch_size)
+    return {**train_defaults, "max_steps": max_steps, "val_every_steps": max(1, max_steps // 20)}
+
+
 register(
     ModelEntry(
         name="cvae",
         description="Conditional VAE: z ~ N(0, I), decoder sees [z, dosage, covariates] (SAMS-VAE paper baseline)",
         model="pyro_perturb.models.cvae:ConditionalVAEModel",
         guide="pyro_perturb.guides.cvae:ConditionalVAEGuide",
+        train_defaults=with_step_budget({}),
     )
 )
 
@@ -281,14 +307,15 @@ register(
         model="pyro_perturb.models.fcr:FCRModel",
         guide="pyro_perturb.guides.fcr:FCRGuide",
         # chosen by experiment (bench/fcr_benchmark.py): see FCR_TRAIN_DEFAULTS in models/fcr.py
-        train_defaults=dict(_load("pyro_perturb.models.fcr:FCR_TRAIN_DEFAULTS")),
+        train_defaults=with_step_budget(_load("pyro_perturb.models.fcr:FCR_TRAIN_DEFAULTS")),
         default_data="factorized",
     )
 )
 
 
 # SAMS-VAE family (docs/models.md, "SAMS-VAE"). Training defaults: see SAMS_TRAIN_DEFAULTS in
-# pyro_perturb/models/sams_vae.py (chosen by experiment, bench/sams_vae_benchmark.py).
+# pyro_perturb/models/sams_vae.py (chosen by experiment, bench/sams_vae_benchmark.py),
+# plus the step budget above.
 from .models.sams_vae import SAMS_TRAIN_DEFAULTS  # noqa: E402
 
 register(
@@ -297,7 +324,7 @@ register(
         description="SAMS-VAE, correlated guide: z = z_basal + d @ (E * M), sparse masks (Bereket & Karaletsos 2023)",
         model="pyro_perturb.models.sams_vae:SAMSVAEModel",
         guide="pyro_perturb.guides.sams_vae:SAMSVAECorrelatedGuide",
-        train_defaults=dict(SAMS_TRAIN_DEFAULTS),
+        train_defaults=with_step_budget(SAMS_TRAIN_DEFAULTS),
     )
 )
 register(
@@ -306,7 +333,7 @@ register(
         description="SAMS-VAE, mean-field guide (Bereket & Karaletsos 2023)",
         model="pyro_perturb.models.sams_vae:SAMSVAEModel",
         guide="pyro_perturb.guides.sams_vae:SAMSVAEMeanFieldGuide",
-        train_defaults=dict(SAMS_TRAIN_DEFAULTS),
+        train_defaults=with_step_budget(SAMS_TRAIN_DEFAULTS),
     )
 )
 register(
@@ -315,7 +342,7 @@ register(
         description="CPA-VAE: z = z_basal + d @ E, no mask (SAMS-VAE paper baseline)",
         model="pyro_perturb.models.sams_vae:CPAVAEModel",
         guide="pyro_perturb.guides.sams_vae:CPAVAEGuide",
-        train_defaults=dict(SAMS_TRAIN_DEFAULTS),
+        train_defaults=with_step_budget(SAMS_TRAIN_DEFAULTS),
     )
 )
 
@@ -323,7 +350,7 @@ register(
 # ---------------------------------------------------------------- sVAE family (docs/models.md)
 # Training defaults shared by the family: batch 128 as in the paper, lr 3e-3 with the
 # per-label shifts and mask logits at 10x (the models' own ``lr_multipliers``), a 5-epoch KL
-# warm-up, analytic KL for z, early stopping on the validation ELBO.
+# warm-up, analytic KL for z, early stopping on the validation ELBO, and the step budget above.
 # Chosen by experiment: bench/results/defaults_rationale.md#svae-family
 SVAE_TRAIN_DEFAULTS = dict(
     lr=3e-3,
@@ -347,7 +374,7 @@ for _name, _desc, _model, _guide in [
             description=_desc,
             model=f"pyro_perturb.models.svae:{_model}",
             guide=f"pyro_perturb.guides.svae:{_guide}",
-            train_defaults=dict(SVAE_TRAIN_DEFAULTS),
+            train_defaults=with_step_budget(SVAE_TRAIN_DEFAULTS),
             default_data="sparse_shift",
             needs_perturbations=_name not in ("vae", "beta_vae"),  # these two never see the label
         )
