@@ -26,7 +26,7 @@ def test_example_has_help_and_its_smoke_flag(name, smoke_flag, monkeypatch, caps
     path = EXAMPLES / f"{name}.py"
     monkeypatch.setattr(sys, "argv", [str(path), "--help"])
     with pytest.raises(SystemExit) as exit_:
-        runpy.run_path(str(path), run_name="__main__")  # as `python examples/NAME.py --help`
+        runpy.run_path(str(path), run_name="__main__")  # as `python examples/<name>.py --help`
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage:") and smoke_flag in out
