@@ -8,7 +8,8 @@ Usage::
 
     python examples/fcr_cell_context.py --data factorized --out fcr_example
     python examples/fcr_cell_context.py --data kang --heldout "CD14+ Monocytes" --out fcr_kang
-    python examples/fcr_cell_context.py --quick --out /tmp/fcr_smoke     # seconds
+    python examples/fcr_cell_context.py --tiny --out /tmp/fcr_smoke      # seconds (smoke test)
+    python examples/fcr_cell_context.py --help
 
 What it does:
 
@@ -51,7 +52,7 @@ def load(args):
     import pyro_perturb as pp
 
     if args.data == "factorized":
-        sizes = dict(cells_per_group=40, n_genes=60, n_covariates=3, n_treatments=3, n_heldout_pairs=1, hidden=16) if args.quick else {}
+        sizes = dict(cells_per_group=40, n_genes=60, n_covariates=3, n_treatments=3, n_heldout_pairs=1, hidden=16) if args.tiny else {}
         adata = pp.simulate.factorized(seed=args.seed, **sizes)
         return adata, {"covariate_keys": ["cell_line"]}, "cell_line"
     import anndata
@@ -89,15 +90,7 @@ def plot_blocks(adata_pred, cov_key: str, trt_key: str, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", choices=["factorized", "kang"], default="factorized")
-    parser.add_argument("--heldout", default="CD14+ Monocytes", help="Kang: cell type whose stimulated cells are held out")
-    parser.add_argument("--out", default="fcr_example")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="tiny settings for a smoke test")
-    args = parser.parse_args(argv)
-
+def main(args) -> dict:
     import torch
 
     torch.set_num_threads(1)
@@ -108,10 +101,10 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     adata, options, cov_key = load(args)
-    settings = dict(max_epochs=5, n_hidden=32, batch_size=128) if args.quick else {}
+    settings = dict(max_epochs=5, n_hidden=32, batch_size=128) if args.tiny else {}
     run = pp.fit(adata, model="fcr", out=out / "run", seed=args.seed, device="cpu", **options, **settings)
 
-    results = run.evaluate(run.data, num_particles=5 if args.quick else 100, out_dir=out)
+    results = run.evaluate(run.data, num_particles=5 if args.tiny else 100, out_dir=out)
     write_metrics(results, out / "metrics.json")
     test = results["test"]
     print(
@@ -134,4 +127,14 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(
+        description="FCR on cell contexts: train, evaluate counterfactual group means, plot the three blocks"
+    )
+    parser.add_argument("--data", choices=["factorized", "kang"], default="factorized",
+                        help="the factorized simulator, or Kang 2018 from ../shared/data")
+    parser.add_argument("--heldout", default="CD14+ Monocytes", help="Kang: cell type whose stimulated cells are held out")
+    parser.add_argument("--out", default="fcr_example", help="output folder")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tiny", action="store_true", help="tiny settings (smoke test)")
+    args = parser.parse_args()
+    main(args)

@@ -23,6 +23,7 @@ singles. This script
     python examples/sams_vae_perturbseq.py                    # a few minutes on 2 CPU cores
     python examples/sams_vae_perturbseq.py --tiny             # seconds (smoke test)
     python examples/sams_vae_perturbseq.py --model cpa_vae    # a baseline
+    python examples/sams_vae_perturbseq.py --help
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from pathlib import Path
 import torch
 
 import pyro_perturb as pp
+from pyro_perturb import contract
 from pyro_perturb.evaluate import write_metrics
 from pyro_perturb.evaluate.metrics import match_latents, target_identification
 
@@ -58,8 +60,9 @@ def main(args) -> dict:
     if args.max_epochs:
         settings["max_epochs"] = args.max_epochs
     run = pp.fit(adata, model=args.model, out=out / "run", seed=args.seed, **settings)
-    print(f"trained {args.model} for {len(run.history)} epochs "
-          f"(validation loss {run.history[-1]['val_loss']:.2f} per cell)")
+    last = run.history[-1]
+    print(f"trained {args.model} for {last['epoch']} epochs, {last['step']} optimizer steps "
+          f"(validation loss {last['val_loss']:.2f} per cell)")
 
     # 3. evaluation: IWELBO per split, ATE by posterior predictive, PPC, plots
     results = run.evaluate(run.data, num_particles=10 if args.tiny else 100, out_dir=out, seed=args.seed,
@@ -68,12 +71,12 @@ def main(args) -> dict:
     write_metrics(results, out / "metrics.json")
 
     # SAMS-VAE's masks against the simulator's true sparse targets (after matching latents)
-    probs = getattr(run.guide, "mask_probabilities", None)
-    if probs is not None:
+    masks = contract.mask_probabilities(run.guide)
+    if masks is not None:
         gt = adata.uns["ground_truth"]
-        order = [run.spec.perturbations.index(p) for p in gt["perturbations"]]
+        order = [masks.labels.index(p) for p in gt["perturbations"]]
         match, _ = match_latents(adata.obsm["z_true"], run.latents(run.data)["X_latent"])
-        results["targets"] = target_identification(gt["targets"], probs().numpy()[order], match)
+        results["targets"] = target_identification(gt["targets"], masks.probabilities[order], match)
 
     ate = results["ate"]
     print(f"test IWELBO {results['test']['iwelbo']:.2f} nats/cell")
@@ -89,12 +92,13 @@ def main(args) -> dict:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="SAMS-VAE on a simulated combinatorial screen")
-    parser.add_argument("--model", default="sams_vae")
+    parser.add_argument("--model", default="sams_vae", help="sams_vae, sams_vae_mf, or a baseline (cpa_vae, cvae)")
     parser.add_argument("--frac", type=float, default=0.5, help="fraction of non-test doubles kept for training")
-    parser.add_argument("--max-epochs", type=int, default=None)
-    parser.add_argument("--ate-particles", type=int, default=2500)
+    parser.add_argument("--max-epochs", type=int, default=None, help="epoch budget (default: the model's)")
+    parser.add_argument("--ate-particles", type=int, default=2500, help="posterior predictive particles of the ATE")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default="sams_vae_out")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--out", default="sams_vae_out", help="output folder")
     parser.add_argument("--tiny", action="store_true", help="tiny settings (smoke test)")
-    main(parser.parse_args())
+    args = parser.parse_args()
+    main(args)

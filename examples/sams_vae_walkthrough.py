@@ -2,6 +2,7 @@
 posterior predictive. Read it top to bottom; run it (seconds) to see each step.
 
     python examples/sams_vae_walkthrough.py
+    python examples/sams_vae_walkthrough.py --num-steps 20    # a smoke test
 
 The library's implementation is in ``pyro_perturb/models/sams_vae.py`` (the model),
 ``pyro_perturb/guides/sams_vae.py`` (the guides) and
@@ -10,6 +11,8 @@ of the same pieces inline so that every line of the story is visible.
 """
 
 from __future__ import annotations
+
+import argparse
 
 import pyro
 import pyro.distributions as dist
@@ -21,9 +24,9 @@ from pyro.optim import Adam
 from pyro_perturb.distributions import StraightThroughBernoulli, dosage_offset
 
 
-def main(steps: int = 600, seed: int = 0) -> dict:
+def main(args) -> dict:
     torch.set_num_threads(1)
-    pyro.set_rng_seed(seed)
+    pyro.set_rng_seed(args.seed)
     pyro.clear_param_store()
 
     # ---------------------------------------------------------------- 1. toy data
@@ -91,7 +94,7 @@ def main(steps: int = 600, seed: int = 0) -> dict:
         return {"lr": 0.1 if param_name == "mask_logits" else 0.03}
 
     svi = SVI(model, guide, Adam(per_param), Trace_ELBO(num_particles=5, vectorize_particles=True, max_plate_nesting=1))
-    for step in range(steps):
+    for step in range(args.num_steps):
         loss = svi.step(x[train], d[train], library[train])
         if step % 100 == 0:
             print(f"step {step:4d}  loss/cell {loss / int(train.sum()):.2f}")
@@ -125,4 +128,10 @@ def main(steps: int = 600, seed: int = 0) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(
+        description="A walk-through of SAMS-VAE in Pyro: model, guide, SVI and the ATE as a posterior predictive"
+    )
+    parser.add_argument("-n", "--num-steps", type=int, default=600, help="SVI steps")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    main(args)

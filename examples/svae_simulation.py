@@ -13,6 +13,7 @@ Walk-through (docs/models.md, "sVAE family"):
 
     python examples/svae_simulation.py            # paper sizes: slow on a CPU (minutes per model)
     python examples/svae_simulation.py --tiny     # seconds: a smoke test
+    python examples/svae_simulation.py --help
 """
 
 from __future__ import annotations
@@ -29,12 +30,7 @@ from pyro_perturb.run import fit
 MODELS = ["svae_plus", "svae", "ivae", "vae", "beta_vae"]
 
 
-def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tiny", action="store_true", help="tiny settings (smoke test)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--models", nargs="+", default=MODELS)
-    args = parser.parse_args(argv)
+def main(args) -> list[dict]:
     torch.set_num_threads(1)
 
     if args.tiny:
@@ -67,4 +63,11 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(
+        description="The sVAE family on the sparse-mechanism-shift simulator: simulate, train, compare"
+    )
+    parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS, help="models to train")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tiny", action="store_true", help="tiny settings (smoke test)")
+    args = parser.parse_args()
+    main(args)

@@ -72,7 +72,7 @@ def cmd_fit(args) -> int:
     from .run import fit
 
     settings = _parse_sets(args.set)
-    for key in ("perturbation_key", "control", "layer", "split_key", "max_epochs", "batch_size", "lr", "seed", "device"):
+    for key in ("perturbation_key", "control", "layer", "split_key", "max_epochs", "max_steps", "batch_size", "lr", "seed", "device"):
         value = getattr(args, key)
         if value is not None:
             settings[key] = value
@@ -93,7 +93,7 @@ def cmd_fit(args) -> int:
         return 0  # under torchrun, only rank 0 reports
     last = run.history[-1] if run.history else {}
     print(
-        f"trained {args.model} for {len(run.history)} epochs; final train loss "
+        f"trained {args.model} for {last.get('step', 0)} optimizer steps (epoch {last.get('epoch', 0)}); final train loss "
         f"{last.get('train_loss', float('nan')):.4f}, validation loss {last.get('val_loss', float('nan')):.4f} "
         f"(per cell); run saved to {args.out}"
     )
@@ -101,16 +101,12 @@ def cmd_fit(args) -> int:
 
 
 def _data_for(run, path):
+    """``--data`` when given, else the run's own training data (:meth:`Run.load_data`)."""
     if path is not None:
         return path
-    source = run.data_options.get("source", {})
-    if source.get("path"):
-        return source["path"]
-    if source.get("builtin"):
-        from .run import builtin_data
-
-        return builtin_data(source["builtin"], seed=source.get("seed", 0))[0]
-    raise UsageError("the run was trained on in-memory data; pass --data FILE.h5ad")
+    if not run.data_source:
+        raise UsageError("the run was trained on in-memory data; pass --data FILE.h5ad")
+    return run.load_data()
 
 
 def cmd_evaluate(args) -> int:
@@ -220,7 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--covariate-keys", help="comma-separated obs columns")
     p.add_argument("--layer")
     p.add_argument("--split-key")
-    p.add_argument("--max-epochs", type=int)
+    p.add_argument("--max-epochs", type=int, help="epoch budget; given without --max-steps, the whole budget "
+                   "(the model's default step budget is then not used)")
+    p.add_argument("--max-steps", type=int, help="optimizer-step budget, the same whatever the data's size; training "
+                   "stops there, mid-epoch included (with --resume: raise it to continue)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--n-latent", type=int)

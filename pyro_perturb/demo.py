@@ -30,6 +30,7 @@ DEMO_ATE_PARTICLES = 1000
 
 
 def run_demo(out: str | Path = "demo_out", quick: bool = False, seed: int = 0) -> dict:
+    from . import contract
     from .data import simulate
     from .evaluate import write_metrics
     from .evaluate.metrics import match_latents, target_identification
@@ -61,12 +62,12 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False, seed: int = 0) -
         run.data, num_particles=10 if quick else 100, out_dir=out, seed=seed,
         ate_particles=50 if quick else DEMO_ATE_PARTICLES, ppc_draws=4 if quick else 30,
     )
-    probs = getattr(run.guide, "mask_probabilities", None)
-    if probs is not None:
+    masks = contract.mask_probabilities(run.guide)
+    if masks is not None:
         gt = adata.uns["ground_truth"]
-        order = [run.spec.perturbations.index(p) for p in gt["perturbations"]]
+        order = [masks.labels.index(p) for p in gt["perturbations"]]
         match, _ = match_latents(adata.obsm["z_true"], run.latents(run.data)["X_latent"])
-        results["mask_vs_true_targets"] = target_identification(gt["targets"], probs().cpu().numpy()[order], match)
+        results["mask_vs_true_targets"] = target_identification(gt["targets"], masks.probabilities[order], match)
     write_metrics(results, out / "metrics.json")
     n_train = len(run.data.indices("train"))
     fitted = {

@@ -4,10 +4,11 @@ A :class:`Run` holds a trained model and guide with everything needed to use the
 data (the :class:`~pyro_perturb.data.DataSpec`, hyperparameters, training settings) and
 is saved as a run directory::
 
-    RUN_DIR/config.json     model name, hyperparameters, training settings, vocabularies
+    RUN_DIR/config.json     model name, hyperparameters, training settings, vocabularies,
+                            data options and data source
     RUN_DIR/model.pt        best weights {"model": state_dict, "guide": state_dict, "sha256": digest}
     RUN_DIR/checkpoint.pt   full training state after the last epoch (resume)
-    RUN_DIR/history.csv     loss per epoch (train, validation)
+    RUN_DIR/history.csv     loss per validation (train, validation; epoch, optimizer step)
 
 Everything is JSON or weights-only tensors: loading a run never executes code from it.
 """
@@ -30,7 +31,7 @@ from .infer import distributed
 from .infer.checkpoint import atomic_json, atomic_torch_save, safe_load
 from .infer.engine import TrainConfig, resolve_device, train, write_history
 from .infer.iwelbo import iwelbo as _iwelbo
-from .registry import build, get_entry
+from .registry import STEP_BUDGET_KEYS, build, get_entry, list_models
 from .version import __version__
 
 DATA_KEYS = (
@@ -75,7 +76,26 @@ def read_data(path: str | os.PathLike, backed: bool = False):
 
 
 class Run:
-    """A trained (model, guide) pair with its data vocabulary and settings."""
+    """A trained (model, guide) pair with its data vocabulary and settings.
+
+    Attributes:
+        name: registered model name.
+        model, guide: the trained modules.
+        spec: the data vocabulary (:class:`~pyro_perturb.data.DataSpec`).
+        hparams: model hyperparameters; train_config: training settings.
+        data_options: how the training data were encoded (``perturbation_key``,
+            ``split_key``...: the ``from_anndata`` options).
+        data_source: where the training data came from, so that they can be rebuilt
+            (:meth:`load_data`): ``{"path": absolute .h5ad path, "backed": bool}``, or
+            ``{"builtin": simulator name, "seed": int, "sizes": {option: value}}`` for
+            the built-in simulated data, or ``{}`` for data passed in memory (not
+            rebuildable). Saved in ``config.json`` as ``"data_source"``.
+        data: the training data as a :class:`~pyro_perturb.data.PerturbationData`:
+            those :func:`fit` trained on, or, for a loaded run, rebuilt from
+            ``data_source`` on first use.
+        history: one row per validation (``history.csv``).
+        path: the run directory, if saved.
+    """
 
     def __init__(
         self,
@@ -88,6 +108,7 @@ class Run:
         data_options: dict | None = None,
         history: list[dict] | None = None,
         path: str | os.PathLike | None = None,
+        data_source: dict | None = None,
     ) -> None:
         self.name = name
         self.model = model
@@ -98,8 +119,33 @@ class Run:
         self.data_options = data_options or {}
         self.history = history or []
         self.path = Path(path) if path is not None else None
+        self.data_source = dict(data_source or {})
+        self._data: PerturbationData | None = None
 
     # ------------------------------------------------------------------ data
+    @property
+    def data(self) -> PerturbationData:
+        if self._data is None:
+            self._data = self.load_data()
+        return self._data
+
+    @data.setter
+    def data(self, value: PerturbationData | None) -> None:
+        self._data = value
+
+    def load_data(self, backed: bool | None = None) -> PerturbationData:
+        """The training data rebuilt from :attr:`data_source`, encoded with this run's
+        vocabulary and split (``backed``: override the source's on-disk reading).
+        Data that were passed in memory cannot be rebuilt: a ``ValueError`` says so."""
+        source = self.data_source
+        if source.get("path"):
+            adata = read_data(source["path"], backed=source.get("backed", False) if backed is None else backed)
+        elif source.get("builtin"):
+            adata, _ = builtin_data(source["builtin"], seed=source.get("seed", 0), **source.get("sizes", {}))
+        else:
+            raise ValueError("the run was trained on in-memory data, which it cannot reload; pass the data explicitly")
+        return self.encode(adata)
+
     @property
     def device(self) -> torch.device:
         return next(iter(self.model.parameters()), torch.zeros(0)).device
@@ -132,13 +178,9 @@ class Run:
         idx = np.arange(data.n_cells) if indices is None else np.asarray(indices)
         for start in range(0, len(idx), batch_size):
             sub = idx[start : start + batch_size]
-            # a batch holds its cells in sorted order; put the rows back in sub's order
-            order = np.argsort(sub, kind="stable")
-            back = np.empty_like(order)
-            back[order] = np.arange(len(order))
             out = self.guide.posterior_latents(data.batch(sub, device=self.device))
             for k, v in out.items():
-                parts.setdefault(k, []).append(v.cpu().numpy()[back])
+                parts.setdefault(k, []).append(v.cpu().numpy())
         return {k: np.concatenate(v) for k, v in parts.items()}
 
     def predict(self, adata):
@@ -187,6 +229,7 @@ class Run:
             "train": asdict(self.train_config),
             "spec": self.spec.to_dict(),
             "data": self.data_options,
+            "data_source": self.data_source,
         }
 
     def save(self, path: str | os.PathLike | None = None) -> Path:
@@ -216,6 +259,14 @@ def _read_config(path: Path) -> dict:
     return cfg
 
 
+def _data_config(cfg: dict) -> tuple[dict, dict]:
+    """``(data_options, data_source)`` of a run's config; configs written before
+    ``data_source`` had its own key kept it in the options, as ``"source"``."""
+    options = dict(cfg.get("data", {}))
+    legacy = options.pop("source", None)
+    return options, dict(cfg.get("data_source", legacy) or {})
+
+
 def load_run(path: str | os.PathLike, device: str = "cpu") -> Run:
     """Rebuild a :class:`Run` from its directory alone (JSON config, weights-only tensors)."""
     path = Path(path)
@@ -239,7 +290,8 @@ def load_run(path: str | os.PathLike, device: str = "cpu") -> Run:
     history = []
     if (path / "history.csv").exists():
         history = pd.read_csv(path / "history.csv").to_dict("records")
-    return Run(cfg["model"], model, guide, spec, hparams, train_cfg, cfg.get("data", {}), history, path)
+    data_options, data_source = _data_config(cfg)
+    return Run(cfg["model"], model, guide, spec, hparams, train_cfg, data_options, history, path, data_source)
 
 
 def split_settings(model: str, settings: dict[str, Any]) -> tuple[dict, dict]:
@@ -279,7 +331,7 @@ def fit(
         model: registered name (``pyro-perturb models`` lists them).
         out: run directory (config, weights, checkpoints, history).
         resume: continue the interrupted run in ``out`` (its saved settings are used;
-            ``max_epochs`` may be raised).
+            ``max_epochs`` and ``max_steps`` may be raised).
         callback: ``callback(epoch, history_row)`` after every epoch.
         backed: open an ``.h5ad`` path read-only on disk (``backed="r"``): counts are
             read minibatch by minibatch and never loaded whole (out-of-core training;
@@ -288,7 +340,15 @@ def fit(
         **settings: data options (``perturbation_key``, ``control``, ``covariate_keys``,
             ``layer``, ``split_key``, ``combination_separator``, ``dose_key``), model
             hyperparameters (e.g. ``n_latent``) and training settings
-            (:class:`~pyro_perturb.infer.TrainConfig`).
+            (:class:`~pyro_perturb.infer.TrainConfig`), over the model's registered
+            defaults. The training budget: the registered defaults cap it in optimizer
+            steps (``max_steps``, the same whatever the data's size) and in epochs
+            (``max_epochs``); an explicit ``max_epochs`` without ``max_steps`` is the
+            whole budget (the registered ``max_steps`` and ``val_every_steps`` are then
+            not used), as it was before step budgets existed.
+
+    The returned run's ``data`` is the encoded training data, and its ``data_source``
+    says where they came from (:class:`Run`).
 
     Launched by ``torchrun`` (``WORLD_SIZE`` > 1), it starts the process group and
     trains data-parallel (:mod:`pyro_perturb.infer.distributed`); only rank 0 writes
@@ -303,43 +363,55 @@ def fit(
         saved = _read_config(out)
         if saved["model"] != model:
             raise ValueError(f"{out} holds a {saved['model']!r} run, not {model!r}")
-        max_epochs = settings.get("max_epochs")
+        budget = {k: settings[k] for k in ("max_epochs", "max_steps") if settings.get(k)}
         hparams = saved["hparams"]
-        train_cfg = TrainConfig(**{**saved["train"], **({"max_epochs": max_epochs} if max_epochs else {})})
-        data_options = saved.get("data", {}) if not data_options else data_options
+        train_cfg = TrainConfig(**{**saved["train"], **budget})
+        saved_options, saved_source = _data_config(saved)
+        data_options = saved_options if not data_options else data_options
     else:
         hparams, train_kwargs = split_settings(model, settings)
-        defaults = {**entry.train_defaults, **train_kwargs}
-        train_cfg = TrainConfig(**defaults)
+        defaults = dict(entry.train_defaults)
+        if "max_epochs" in train_kwargs and "max_steps" not in train_kwargs:
+            for key in STEP_BUDGET_KEYS:  # an explicit epoch budget is the whole budget
+                defaults.pop(key, None)
+        train_cfg = TrainConfig(**{**defaults, **train_kwargs})
+        saved_source = {}
 
-    source = data_options.pop("source", None)
-    if data is None and resume and source and source.get("path"):
-        data = source["path"]
-        backed = source.get("backed", False) if backed is None else backed
+    if data is None and saved_source.get("path"):
+        data = saved_source["path"]
+        backed = saved_source.get("backed", False) if backed is None else backed
     if data is None:
-        builtin = (source or {}).get("builtin", getattr(entry, "default_data", "combinatorial"))
-        seed = data_seed if data_seed is not None else (source or {}).get("seed", train_cfg.seed)
-        adata, builtin_opts = builtin_data(builtin, seed=seed)
+        builtin = saved_source.get("builtin", entry.default_data)
+        seed = data_seed if data_seed is not None else saved_source.get("seed", train_cfg.seed)
+        sizes = dict(saved_source.get("sizes", {}))
+        adata, builtin_opts = builtin_data(builtin, seed=seed, **sizes)
         data_options = {**builtin_opts, **data_options}
-        source = {"builtin": builtin, "seed": seed}
+        data_source = {"builtin": builtin, "seed": seed, "sizes": sizes}
     elif isinstance(data, (str, os.PathLike)):
-        source = {"path": str(Path(data).resolve()), "backed": bool(backed)}
+        data_source = {"path": str(Path(data).resolve()), "backed": bool(backed)}
         adata = read_data(data, backed=bool(backed))
     else:
         adata = data
-        source = source or {}
+        data_source = saved_source  # in memory: a resumed run keeps the source it had
 
     if isinstance(adata, PerturbationData):
         pdata = adata
     else:
         opts = {k: v for k, v in data_options.items() if k in DATA_KEYS}
         pdata = PerturbationData.from_anndata(adata, seed=train_cfg.seed, **opts)
-    data_options = {**data_options, "source": source}
+    if entry.needs_perturbations and pdata.spec.n_perturbations == 0:
+        raise ValueError(
+            f"model {model!r} needs perturbed cells, but obs[{pdata.spec.perturbation_key!r}] holds only the "
+            f"control label {pdata.spec.control!r}; check the column and control=... (--control), or train a "
+            f"model of unperturbed cells: {', '.join(e.name for e in list_models() if not e.needs_perturbations)}"
+        )
 
     # parameter initialisation is part of what the seed fixes
     pyro.set_rng_seed(train_cfg.seed)
     model_obj, guide_obj, full_hparams = build(model, pdata.spec, hparams, gene_stats=pdata.gene_stats("train"))
-    run = Run(model, model_obj, guide_obj, pdata.spec, full_hparams, train_cfg, data_options, path=out)
+    run = Run(model, model_obj, guide_obj, pdata.spec, full_hparams, train_cfg, data_options, path=out,
+              data_source=data_source)
+    run.data = pdata
     ctx = distributed.init_from_env(train_cfg.device)  # single process unless torchrun set WORLD_SIZE
     if out is not None:
         if not resume and (out / "checkpoint.pt").exists():
@@ -350,5 +422,4 @@ def fit(
     run.history = train(model_obj, guide_obj, pdata, train_cfg, run_dir=out, resume=resume, callback=callback)
     if out is not None and ctx.is_main:
         run.save(out)
-    run.data = pdata
     return run

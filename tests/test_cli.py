@@ -95,6 +95,30 @@ def test_bad_input_gives_one_line_error(tiny_file, tmp_path, capsys):
     assert "never learned: 'p_unknown'" in _error(capsys, ["predict", str(run_dir), "--data", str(bad), "--out", str(tmp_path / "p.h5ad")])
 
 
+@pytest.mark.filterwarnings("ignore:Variable names are not unique")  # anndata reading the duplicated file
+def test_bad_data_gives_one_line_error(tmp_path, capsys):
+    """Data that encodes but cannot train sensibly: refused with exit status 2."""
+    from .test_data import make_adata
+
+    def fit_args(adata, name, model="cvae"):
+        path = tmp_path / f"{name}.h5ad"
+        adata.write_h5ad(path)
+        return ["fit", "--model", model, "--data", str(path), "--out", str(tmp_path / f"run_{name}"),
+                "--max-epochs", "1", "--quiet", "--set", "n_hidden=8"]
+
+    duplicated = make_adata()
+    duplicated.var_names = ["g0", "g1", "g0"] + [f"h{i}" for i in range(9)]
+    assert "gene names (adata.var_names) are not unique: 'g0'" in _error(capsys, fit_args(duplicated, "dup"))
+    huge = make_adata(sparse=False)
+    huge.X = huge.X.astype(np.float64)
+    huge.X[0, 0] = 1e30
+    assert "counts above 16,777,216" in _error(capsys, fit_args(huge, "huge"))
+    assert "3 cells are too few to split" in _error(capsys, fit_args(make_adata(n_per=1, labels=("control", "A", "B")), "three"))
+    controls = make_adata(labels=("control",), n_per=40)
+    assert "model 'cvae' needs perturbed cells" in _error(capsys, fit_args(controls, "controls"))
+    assert main(fit_args(controls, "controls_vae", model="vae")) == 0  # a plain VAE needs no labels
+
+
 def test_console_script_entry_point():
     result = subprocess.run([sys.executable, "-m", "pyro_perturb.cli", "models"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "cvae" in result.stdout

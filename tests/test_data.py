@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -10,6 +12,9 @@ import scipy.sparse as sp
 import torch
 
 from pyro_perturb.data import Batch, PerturbationData, canonical_label
+from pyro_perturb.data.anndata import MAX_COUNT, MIN_CELLS_RANDOM_SPLIT
+from pyro_perturb.registry import list_models
+from pyro_perturb.run import fit
 
 from .conftest import shared_data
 
@@ -60,6 +65,34 @@ def test_backed_streams_batches(tmp_path):
     np.testing.assert_array_equal(data.read_counts(idx), mem.read_counts(idx))
     total = sum(b.size for b in data.batches("train", batch_size=16, shuffle=True))
     assert total == len(data.indices("train"))
+
+
+@pytest.mark.parametrize("kind", ["dense", "csr", "backed"])
+def test_batch_rows_follow_the_requested_order(kind, tmp_path):
+    """``batch`` and ``read_counts`` return row i for cell idx[i], whatever the order."""
+    adata = make_adata(n_per=30, sparse=kind != "dense", line=np.tile(["x", "y", "z"], 40),
+                       dose=np.linspace(0.5, 2.0, 120))
+    X = np.asarray(adata.X.todense() if sp.issparse(adata.X) else adata.X)
+    source = adata
+    if kind == "backed":
+        adata.write_h5ad(tmp_path / "d.h5ad")
+        source = ad.read_h5ad(tmp_path / "d.h5ad", backed="r")
+    data = PerturbationData.from_anndata(source, covariate_keys=["line"], dose_key="dose")
+    rng = np.random.default_rng(0)
+    idx = rng.permutation(data.n_cells)[:50]
+    assert (np.diff(idx) < 0).any()  # really shuffled
+    positions = rng.permutation(1000)[:50]
+    batch = data.batch(idx, n_cells=1000, positions=positions)
+    np.testing.assert_array_equal(batch.x.numpy(), X[idx])
+    np.testing.assert_array_equal(batch.d.numpy(), data.dosage.toarray()[idx])
+    np.testing.assert_array_equal(batch.c.numpy(), data.covariates[idx])
+    np.testing.assert_array_equal(batch.label.numpy(), data.labels[idx])
+    np.testing.assert_allclose(batch.library.numpy(), X[idx].sum(1))
+    np.testing.assert_array_equal(batch.index.numpy(), positions)
+    assert batch.n_cells == 1000
+    np.testing.assert_array_equal(data.read_counts(idx), X[idx])
+    np.testing.assert_array_equal(data.batch(idx[::-1]).x.numpy(), X[idx[::-1]])
+    np.testing.assert_array_equal(data.batch(idx).index.numpy(), np.arange(50))  # default positions
 
 
 def test_doses_numeric_and_per_component():
@@ -197,6 +230,72 @@ def test_empty_adata_and_wrong_type():
     _bad(make_adata()[:0], "no cells")
     with pytest.raises(ValueError, match="AnnData"):
         PerturbationData.from_anndata(np.zeros((3, 3)))
+
+
+def test_duplicate_gene_names():
+    adata = make_adata()
+    adata.var_names = ["g0", "g1", "g2", "g1", "g0"] + [f"h{i}" for i in range(7)]
+    _bad(adata, r"gene names \(adata.var_names\) are not unique: 'g0', 'g1'")
+    spec = PerturbationData.from_anndata(make_adata()).spec
+    _bad(adata, "not unique", spec=spec)  # named before the comparison with the model's genes
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_counts_beyond_float32_exact_integers(sparse):
+    def with_count(value):
+        adata = make_adata(sparse=False)
+        X = adata.X.astype(np.float64)
+        X[4, 1] = value
+        adata.X = sp.csr_matrix(X) if sparse else X
+        return adata
+
+    _bad(with_count(1e30), "counts above 16,777,216 .*float32.*found 1e\\+30")
+    _bad(with_count(MAX_COUNT + 1), "counts above 16,777,216")
+    data = PerturbationData.from_anndata(with_count(MAX_COUNT))  # the bound itself is fine
+    assert data.read_counts(np.array([4]))[0, 1] == MAX_COUNT
+
+
+def test_too_few_cells_for_a_random_split():
+    three = make_adata(n_per=1, labels=("control", "A", "B"))
+    _bad(three, f"3 cells are too few to split.*at least {MIN_CELLS_RANDOM_SPLIT} cells")
+    four = PerturbationData.from_anndata(make_adata(n_per=1, labels=("control", "A", "B", "A+B")))
+    assert all(len(four.indices(s)) == 1 for s in ("val", "test"))
+    # encoding for a trained model (prediction) needs no split
+    assert PerturbationData.from_anndata(three, spec=four.spec).n_cells == 3
+
+
+@pytest.mark.parametrize("missing,consequence", [("val", "early stopping .* training loss"), ("test", "evaluation will report no test metrics")])
+def test_split_column_without_val_or_test_warns(missing, consequence):
+    parts = [p for p in ("train", "val", "test") if p != missing]
+    adata = make_adata(split=np.repeat(parts + ["train", "train"], 20))
+    with pytest.warns(UserWarning, match=f"obs\\['split'\\] has no '{missing}' cells: {consequence}"):
+        data = PerturbationData.from_anndata(adata)
+    assert len(data.indices(missing)) == 0
+    with warnings.catch_warnings():  # evaluation data of a trained model: nothing to say
+        warnings.simplefilter("error")
+        PerturbationData.from_anndata(adata, spec=data.spec)
+
+
+def test_empty_val_split_trains_on_the_training_loss():
+    adata = make_adata(split=np.repeat(["train", "test", "train", "train"], 20))
+    with pytest.warns(UserWarning, match="no 'val' cells"):
+        run = fit(adata, model="cvae", max_epochs=2, progress=False, n_hidden=8)
+    assert [row["val_loss"] for row in run.history] == [row["train_loss"] for row in run.history]
+
+
+def test_control_only_data_only_for_label_free_models():
+    adata = make_adata(labels=("control",), n_per=60)
+    data = PerturbationData.from_anndata(adata)
+    assert data.spec.n_perturbations == 0 and data.spec.labels == ["control"]
+    label_free = sorted(e.name for e in list_models() if not e.needs_perturbations)
+    assert label_free == ["beta_vae", "vae"]
+    for entry in list_models():
+        if entry.needs_perturbations:
+            with pytest.raises(ValueError, match=f"model '{entry.name}' needs perturbed cells.*only the control "
+                                                 "label 'control'.*beta_vae, vae"):
+                fit(adata, model=entry.name, max_epochs=1, progress=False)
+    run = fit(data, model="vae", max_epochs=1, progress=False, n_hidden=8)
+    assert np.isfinite(run.history[-1]["train_loss"])
 
 
 def test_prediction_with_spec_refuses_unknowns():

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pyro_perturb.data import PerturbationData
+from pyro_perturb.data.anndata import MIN_CELLS_RANDOM_SPLIT
 
 LABEL_PARTS = st.sampled_from(["A", "B", "gene-1", "ünï", " C ", "x y", "", "control"])
 LABELS = st.one_of(
@@ -32,7 +33,8 @@ CLEAN_LABELS = st.one_of(
 @st.composite
 def adatas(draw, clean: bool = False):
     """Random AnnData objects; ``clean=True`` draws only valid ones (they must load)."""
-    n_cells = draw(st.integers(1, 12))
+    # valid data has enough cells for the random split (no split column when clean)
+    n_cells = draw(st.integers(MIN_CELLS_RANDOM_SPLIT if clean else 1, 12))
     n_genes = draw(st.integers(1, 5))
     # each kind of dirt is switched on as a whole, so that clean-ish examples stay common
     bad_values = not clean and draw(st.booleans())

@@ -33,6 +33,6 @@ def test_sams_vae_perturbseq_example_runs_tiny(tmp_path, capsys):
 
 def test_sams_vae_walkthrough_runs():
     module = _load("sams_vae_walkthrough")
-    out = module.main(steps=20)
+    out = module.main(argparse.Namespace(num_steps=20, seed=0))
     assert out["mask"].shape == (3, 2)
     assert np.isfinite(out["r"])

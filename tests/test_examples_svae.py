@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 from pathlib import Path
 
@@ -14,7 +15,7 @@ def test_svae_simulation_example_runs_tiny(capsys):
     spec = importlib.util.spec_from_file_location("svae_simulation", EXAMPLE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    rows = module.main(["--tiny", "--models", "svae_plus", "vae"])
+    rows = module.main(argparse.Namespace(models=["svae_plus", "vae"], seed=0, tiny=True))
     assert [r["model"] for r in rows] == ["svae_plus", "vae"]
     for r in rows:
         assert 0.0 <= r["mcc_pearson"] <= 1.0 and 0.0 <= r["target_f1"] <= 1.0

@@ -149,7 +149,7 @@ def test_beta_prior_enters_once_per_step_not_scaled_by_cells(small_data):
         tr = pyro.poutine.trace(guide).get_trace(small_data.batch(idx, n_cells=n_cells))
         mt = pyro.poutine.trace(pyro.poutine.replay(model, trace=tr)).get_trace(small_data.batch(idx, n_cells=n_cells))
         mt.compute_log_prob()
-        pi = guide.mask_probs().detach()
+        pi = guide.mask_probabilities().detach()
         expected = torch.distributions.Beta(1.0, 20.0).log_prob(pi).sum()
         assert torch.allclose(mt.nodes["mask_prob"]["log_prob_sum"], expected)
 

@@ -25,8 +25,9 @@ shape at fault.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
@@ -38,6 +39,16 @@ from .splits import HELDOUT_CONTROL_FRACTION, hold_out_controls, random_split
 
 SPLITS = ("train", "val", "test")
 _CHUNK = 4096  # rows read at a time when scanning counts (bounded memory on backed data)
+
+#: The largest count accepted: 2**24 = 16,777,216, the largest integer up to which float32
+#: (the precision of every model's tensors) represents all integers exactly. Above it,
+#: counts are silently rounded on the way to the model (and would overflow float32 at
+#: ~3.4e38); UMI counts of single cells stay far below it.
+MAX_COUNT = 2**24
+
+#: The fewest cells a random 64/16/20 train/val/test split gives at least one cell each
+#: (3 cells would leave ``val`` empty).
+MIN_CELLS_RANDOM_SPLIT = 4
 
 
 @dataclass
@@ -237,6 +248,12 @@ class PerturbationData:
                 (default: True when building a new vocabulary, False with ``spec``).
             heldout_control_fraction: see ``split_key`` (0 keeps the column as given);
                 seeded by ``seed``.
+
+        Gene names must be unique and counts finite non-negative integers up to
+        :data:`MAX_COUNT`. Building a new vocabulary (``spec=None``, i.e. training data),
+        a random split needs at least :data:`MIN_CELLS_RANDOM_SPLIT` cells, and a split
+        column without ``val`` or ``test`` cells is accepted with a warning saying what
+        it implies.
         """
         if not hasattr(adata, "obs") or not hasattr(adata, "X"):
             raise ValueError(f"expected an AnnData object, got {type(adata).__name__}")
@@ -255,173 +272,21 @@ class PerturbationData:
             raise ValueError("the AnnData has no cells (n_obs = 0)")
         if n_genes == 0:
             raise ValueError("the AnnData has no genes (n_vars = 0)")
+        _check_columns(adata.obs, perturbation_key, covariate_keys, dose_key)
 
-        obs = adata.obs
-        for key, role in [(perturbation_key, "perturbation")] + [
-            (k, "covariate") for k in covariate_keys
-        ] + ([(dose_key, "dose")] if dose_key else []):
-            if key not in obs.columns:
-                raise ValueError(
-                    f"{role} column {key!r} not found in adata.obs; "
-                    f"available columns: {_names(obs.columns, 20)}"
-                )
-
-        # perturbation labels ------------------------------------------------------
-        raw = obs[perturbation_key]
-        missing = raw.isna().to_numpy()
-        if missing.any():
-            raise ValueError(
-                f"obs[{perturbation_key!r}] has {int(missing.sum())} missing values "
-                f"(first at cell {adata.obs_names[np.argmax(missing)]!r}); label every "
-                f"cell, controls with {control!r}"
-            )
-        if isinstance(raw.dtype, pd.CategoricalDtype):
-            # millions of cells: strip the few categories, not one string per cell (the
-            # per-cell array then holds references to the shared category strings)
-            categories = np.asarray(raw.cat.categories.astype(str).str.strip(), dtype=object)
-            raw = categories[raw.cat.codes.to_numpy()]
-        else:
-            raw = raw.astype(str).str.strip().to_numpy()
-        empty = raw == ""
-        if empty.any():
-            raise ValueError(
-                f"obs[{perturbation_key!r}] has {int(empty.sum())} empty labels (first at "
-                f"cell {adata.obs_names[np.argmax(empty)]!r})"
-            )
-        uniques, inverse = np.unique(raw, return_inverse=True)
-        canon_of_unique = [canonical_label(u, control, combination_separator) for u in uniques]
-
-        if spec is None:
-            if control not in set(canon_of_unique):
-                raise ValueError(
-                    f"control label {control!r} not found in obs[{perturbation_key!r}]; "
-                    f"labels seen: {_names(uniques, 10)}. Pass the right one with "
-                    "control=... (--control on the command line)"
-                )
-            singles = sorted(
-                {p for lab in canon_of_unique for p in split_label(lab, control, combination_separator)}
-            )
-            labels = [control] + sorted({lab for lab in canon_of_unique if lab != control})
-        else:
-            singles, labels = list(spec.perturbations), list(spec.labels)
-            known = set(singles)
-            unknown = sorted(
-                {
-                    p
-                    for lab in canon_of_unique
-                    for p in split_label(lab, control, combination_separator)
-                    if p not in known
-                }
-            )
-            if unknown:
-                raise ValueError(
-                    f"obs[{perturbation_key!r}] holds perturbations the model never learned: "
-                    f"{_names(unknown)}. Known perturbations: {_names(singles, 10)}"
-                )
-        single_index = {p: i for i, p in enumerate(singles)}
-        label_index = {lab: i for i, lab in enumerate(labels)}
-        # a combination of known singles that the vocabulary has no label for gets -1
-        label_codes = np.array([label_index.get(c, -1) for c in canon_of_unique], dtype=np.int64)
-        cell_labels = label_codes[inverse]
-
-        # dosage: multi-hot over singles, scaled by doses ----------------------------
-        parts_of_unique = [split_label(c, control, combination_separator) for c in canon_of_unique]
-        # vectorised over cells: each cell repeats the single-perturbation columns of
-        # its unique label (this runs on millions of cells)
-        unique_cols = [np.array([single_index[p] for p in parts], dtype=np.int64) for parts in parts_of_unique]
-        n_parts = np.array([len(c) for c in unique_cols], dtype=np.int64)
-        offsets = np.concatenate([[0], np.cumsum(n_parts)[:-1]])
-        flat_cols = np.concatenate(unique_cols) if n_parts.sum() else np.zeros(0, dtype=np.int64)
-        lens = n_parts[inverse]
-        total = int(lens.sum())
-        rows = np.repeat(np.arange(n_cells), lens)
-        within = np.arange(total) - np.repeat(np.cumsum(lens) - lens, lens)
-        cols = flat_cols[np.repeat(offsets[inverse], lens) + within]
-        vals = _read_doses(obs, dose_key, combination_separator, lens, raw, total)
-        dosage = sp.csr_matrix(
-            (vals, (rows, cols)),
-            shape=(n_cells, len(singles)),
-        )
-        dosage.sum_duplicates()
-
-        # covariates ---------------------------------------------------------------
-        cov_codes = np.zeros((n_cells, len(covariate_keys)), dtype=np.int64)
-        categories: list[list[str]] = []
-        for k, key in enumerate(covariate_keys):
-            col = obs[key]
-            if col.isna().any():
-                raise ValueError(
-                    f"covariate column {key!r} has {int(col.isna().sum())} missing values"
-                )
-            values = col.astype(str).to_numpy()
-            if spec is None:
-                cats = sorted(set(values))
-            else:
-                cats = list(spec.covariate_categories[k])
-                unknown = sorted(set(values) - set(cats))
-                if unknown:
-                    raise ValueError(
-                        f"covariate column {key!r} holds values the model never saw: "
-                        f"{_names(unknown)}; known: {_names(cats, 10)}"
-                    )
-            cov_codes[:, k] = pd.Categorical(values, categories=cats).codes
-            categories.append(cats)
-
-        # counts -------------------------------------------------------------------
-        if layer is not None:
-            if layer not in adata.layers.keys():
-                raise ValueError(
-                    f"layer {layer!r} not found; available layers: {_names(adata.layers.keys())}"
-                )
-            counts = adata.layers[layer]
-        else:
-            counts = adata.X
-        if counts is None:
-            raise ValueError("adata.X is empty (None); pass layer=... to read counts from a layer")
-        genes = [str(g) for g in adata.var_names]
-        if spec is not None and genes != list(spec.genes):
-            missing_genes = [g for g in spec.genes if g not in set(genes)]
-            if missing_genes:
-                raise ValueError(
-                    f"the data lacks {len(missing_genes)} genes the model was trained on: "
-                    f"{_names(missing_genes)}"
-                )
-            raise ValueError(
-                "the data's genes differ from the model's (extra genes or another order); "
-                "subset and order them as the model's: adata[:, genes]"
-            )
-        counts = _row_source(counts)
-        library, gene_totals = _scan_counts(counts, n_cells, n_genes, genes)
-        if require_expressed_genes and (gene_totals == 0).any():
-            zero = [genes[g] for g in np.flatnonzero(gene_totals == 0)]
-            raise ValueError(
-                f"{len(zero)} genes have zero counts in every cell: {_names(zero)}. "
-                "Remove them first, e.g. adata = adata[:, adata.X.sum(0).A1 > 0]"
-            )
-        if (library == 0).any():
-            first = adata.obs_names[int(np.argmax(library == 0))]
-            raise ValueError(
-                f"{int((library == 0).sum())} cells have zero total counts (first: {first!r}); "
-                "remove empty cells"
-            )
-
-        # split ---------------------------------------------------------------------
-        if split_key is not None and split_key in obs.columns:
-            split = obs[split_key].astype(str).to_numpy()
-            bad = sorted(set(split) - set(SPLITS))
-            if bad:
-                raise ValueError(
-                    f"obs[{split_key!r}] may only hold {SPLITS}; found {_names(bad)}"
-                )
-            cell_canon = np.asarray(canon_of_unique, dtype=object)[inverse]
-            split = hold_out_controls(split, cell_canon, control, heldout_control_fraction, seed)
-        else:
-            split = random_split(n_cells, seed=seed)
+        labels = _encode_labels(adata, perturbation_key, control, combination_separator, spec)
+        dosage = _encode_dosage(adata.obs, labels, control, combination_separator, dose_key)
+        cov_codes, categories = _encode_covariates(adata.obs, covariate_keys, spec)
+        counts, genes, library = _encode_counts(adata, layer, spec, require_expressed_genes)
+        split = _encode_split(adata.obs, split_key, n_cells, seed, new_vocabulary=spec is None)
+        if split_key is not None and split_key in adata.obs.columns:  # the user's column: controls held out?
+            cell_labels = np.asarray(labels.canonical, dtype=object)[labels.inverse]
+            split = hold_out_controls(split, cell_labels, control, heldout_control_fraction, seed)
 
         new_spec = DataSpec(
             genes=genes,
-            perturbations=singles,
-            labels=labels,
+            perturbations=labels.perturbations,
+            labels=labels.labels,
             covariate_keys=covariate_keys,
             covariate_categories=categories,
             control=control,
@@ -430,7 +295,7 @@ class PerturbationData:
             layer=layer,
             dose_key=dose_key,
         )
-        return cls(adata, counts, dosage, cell_labels, cov_codes, library, split, new_spec)
+        return cls(adata, counts, dosage, labels.codes, cov_codes, library, split, new_spec)
 
     # ------------------------------------------------------------------ access
     @property
@@ -453,8 +318,11 @@ class PerturbationData:
         return np.array([canonical_label(r, self.spec.control, self.spec.separator) for r in raw])
 
     def read_counts(self, idx: np.ndarray) -> np.ndarray:
-        """Dense float32 counts ``(len(idx), G)`` of the given cells (any order)."""
+        """Dense float32 counts ``(len(idx), G)`` of the given cells, rows in the order of ``idx``."""
         idx = np.asarray(idx)
+        if np.all(idx[:-1] <= idx[1:]):
+            return _read_rows(self.counts, idx)
+        # reading sorted rows is what h5py and CSR slicing do fastest; then un-permute
         order = np.argsort(idx, kind="stable")
         rows = _read_rows(self.counts, idx[order])
         out = np.empty_like(rows)
@@ -468,22 +336,19 @@ class PerturbationData:
         positions: np.ndarray | None = None,
         device: torch.device | str = "cpu",
     ) -> Batch:
-        """One :class:`Batch` of the cells ``idx``.
+        """One :class:`Batch` of the cells ``idx``, row ``i`` being cell ``idx[i]``.
 
         ``n_cells`` is the size of the population the batch is drawn from (the cell
         plate's size: the likelihood is scaled by ``n_cells / len(idx)``); ``positions``
-        are the cells' positions in that population (the plate's subsample indices).
+        ``(len(idx),)`` are the cells' positions in that population (the plate's
+        subsample indices; default ``0..len(idx)-1``).
         """
         idx = np.asarray(idx)
-        # reading sorted rows is what h5py and CSR slicing do fastest
-        order = np.argsort(idx, kind="stable")
-        idx = idx[order]
-        if positions is None:
-            positions = np.arange(len(idx))
-        else:
-            positions = np.asarray(positions)[order]
+        positions = np.arange(len(idx)) if positions is None else np.asarray(positions)
+        if positions.shape != idx.shape:
+            raise ValueError(f"positions has shape {positions.shape}; expected one per cell, {idx.shape}")
         device = torch.device(device)
-        x = torch.from_numpy(_read_rows(self.counts, idx))
+        x = torch.from_numpy(self.read_counts(idx))
         d = torch.from_numpy(np.asarray(self.dosage[idx].todense(), dtype=np.float32))
         return Batch(
             x=x.to(device),
@@ -543,6 +408,10 @@ class PerturbationData:
                 if per_rank == 0:
                     continue
                 pos = pos[rank * per_rank : (rank + 1) * per_rank]
+            # a minibatch is a set of cells: list them in file order (sorted rows are read
+            # fastest; the row order fixes which random draws go to which cell, so it is
+            # part of what the seed reproduces)
+            pos = pos[np.argsort(idx[pos], kind="stable")]
             yield self.batch(idx[pos], n_cells=len(idx), positions=pos, device=device)
 
     def gene_stats(self, split: str | None = "train") -> tuple[np.ndarray, np.ndarray]:
@@ -571,6 +440,226 @@ class PerturbationData:
             f"{self.spec.n_perturbations} perturbations, {self.spec.n_labels} labels, "
             f"covariates {self.spec.covariate_keys}, split {counts})"
         )
+
+
+# ------------------------------------------------------------ encoding steps of from_anndata
+# Each step reads one field of the AnnData, validates it and encodes it; they run in this
+# order, so that of several problems the first one reported does not depend on the refactoring.
+def _check_columns(obs, perturbation_key: str, covariate_keys: list[str], dose_key: str | None) -> None:
+    """Every ``obs`` column the encoding reads exists."""
+    for key, role in [(perturbation_key, "perturbation")] + [
+        (k, "covariate") for k in covariate_keys
+    ] + ([(dose_key, "dose")] if dose_key else []):
+        if key not in obs.columns:
+            raise ValueError(
+                f"{role} column {key!r} not found in adata.obs; "
+                f"available columns: {_names(obs.columns, 20)}"
+            )
+
+
+class _EncodedLabels(NamedTuple):
+    """The perturbation column, encoded (n: cells, U: distinct raw labels)."""
+
+    raw: np.ndarray  # (n,) object: each cell's label, stripped
+    inverse: np.ndarray  # (n,) int: index of each cell's raw label among the U
+    canonical: list[str]  # (U,) canonical form of each distinct raw label
+    perturbations: list[str]  # vocabulary of single perturbations
+    labels: list[str]  # vocabulary of full labels, control first
+    codes: np.ndarray  # (n,) int64 label code per cell; -1: a label outside the vocabulary
+
+
+def _encode_labels(adata, perturbation_key: str, control: str, separator: str, spec: DataSpec | None) -> _EncodedLabels:
+    """Read, validate and canonicalise ``obs[perturbation_key]``; build or apply the vocabularies."""
+    raw = adata.obs[perturbation_key]
+    missing = raw.isna().to_numpy()
+    if missing.any():
+        raise ValueError(
+            f"obs[{perturbation_key!r}] has {int(missing.sum())} missing values "
+            f"(first at cell {adata.obs_names[np.argmax(missing)]!r}); label every "
+            f"cell, controls with {control!r}"
+        )
+    if isinstance(raw.dtype, pd.CategoricalDtype):
+        # millions of cells: strip the few categories, not one string per cell (the
+        # per-cell array then holds references to the shared category strings)
+        categories = np.asarray(raw.cat.categories.astype(str).str.strip(), dtype=object)
+        raw = categories[raw.cat.codes.to_numpy()]
+    else:
+        raw = raw.astype(str).str.strip().to_numpy()
+    empty = raw == ""
+    if empty.any():
+        raise ValueError(
+            f"obs[{perturbation_key!r}] has {int(empty.sum())} empty labels (first at "
+            f"cell {adata.obs_names[np.argmax(empty)]!r})"
+        )
+    uniques, inverse = np.unique(raw, return_inverse=True)
+    canon_of_unique = [canonical_label(u, control, separator) for u in uniques]
+
+    if spec is None:
+        if control not in set(canon_of_unique):
+            raise ValueError(
+                f"control label {control!r} not found in obs[{perturbation_key!r}]; "
+                f"labels seen: {_names(uniques, 10)}. Pass the right one with "
+                "control=... (--control on the command line)"
+            )
+        singles = sorted({p for lab in canon_of_unique for p in split_label(lab, control, separator)})
+        labels = [control] + sorted({lab for lab in canon_of_unique if lab != control})
+    else:
+        singles, labels = list(spec.perturbations), list(spec.labels)
+        known = set(singles)
+        unknown = sorted(
+            {p for lab in canon_of_unique for p in split_label(lab, control, separator) if p not in known}
+        )
+        if unknown:
+            raise ValueError(
+                f"obs[{perturbation_key!r}] holds perturbations the model never learned: "
+                f"{_names(unknown)}. Known perturbations: {_names(singles, 10)}"
+            )
+    label_index = {lab: i for i, lab in enumerate(labels)}
+    # a combination of known singles that the vocabulary has no label for gets -1
+    label_codes = np.array([label_index.get(c, -1) for c in canon_of_unique], dtype=np.int64)
+    return _EncodedLabels(raw, inverse, canon_of_unique, singles, labels, label_codes[inverse])
+
+
+def _encode_dosage(obs, labels: _EncodedLabels, control: str, separator: str, dose_key: str | None) -> sp.csr_matrix:
+    """Dosage ``(n_cells, T)``: multi-hot over the single perturbations, scaled by doses."""
+    n_cells = len(labels.raw)
+    single_index = {p: i for i, p in enumerate(labels.perturbations)}
+    parts_of_unique = [split_label(c, control, separator) for c in labels.canonical]
+    # vectorised over cells: each cell repeats the single-perturbation columns of
+    # its unique label (this runs on millions of cells)
+    unique_cols = [np.array([single_index[p] for p in parts], dtype=np.int64) for parts in parts_of_unique]
+    n_parts = np.array([len(c) for c in unique_cols], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(n_parts)[:-1]])
+    flat_cols = np.concatenate(unique_cols) if n_parts.sum() else np.zeros(0, dtype=np.int64)
+    inverse = labels.inverse
+    lens = n_parts[inverse]
+    total = int(lens.sum())
+    rows = np.repeat(np.arange(n_cells), lens)
+    within = np.arange(total) - np.repeat(np.cumsum(lens) - lens, lens)
+    cols = flat_cols[np.repeat(offsets[inverse], lens) + within]
+    vals = _read_doses(obs, dose_key, separator, lens, labels.raw, total)
+    dosage = sp.csr_matrix(
+        (vals, (rows, cols)),
+        shape=(n_cells, len(labels.perturbations)),
+    )
+    dosage.sum_duplicates()
+    return dosage
+
+
+def _encode_covariates(obs, covariate_keys: list[str], spec: DataSpec | None) -> tuple[np.ndarray, list[list[str]]]:
+    """Codes ``(n_cells, len(covariate_keys))`` of the covariate columns, and each key's categories."""
+    cov_codes = np.zeros((len(obs), len(covariate_keys)), dtype=np.int64)
+    categories: list[list[str]] = []
+    for k, key in enumerate(covariate_keys):
+        col = obs[key]
+        if col.isna().any():
+            raise ValueError(
+                f"covariate column {key!r} has {int(col.isna().sum())} missing values"
+            )
+        values = col.astype(str).to_numpy()
+        if spec is None:
+            cats = sorted(set(values))
+        else:
+            cats = list(spec.covariate_categories[k])
+            unknown = sorted(set(values) - set(cats))
+            if unknown:
+                raise ValueError(
+                    f"covariate column {key!r} holds values the model never saw: "
+                    f"{_names(unknown)}; known: {_names(cats, 10)}"
+                )
+        cov_codes[:, k] = pd.Categorical(values, categories=cats).codes
+        categories.append(cats)
+    return cov_codes, categories
+
+
+def _encode_counts(adata, layer: str | None, spec: DataSpec | None, require_expressed_genes: bool):
+    """The count matrix (as rows are read from it), the gene names and each cell's library size.
+
+    Checks the genes (unique names, the spec's genes in its order) and every value
+    (finite, non-negative integers up to :data:`MAX_COUNT`), chunk by chunk.
+    """
+    if layer is not None:
+        if layer not in adata.layers.keys():
+            raise ValueError(
+                f"layer {layer!r} not found; available layers: {_names(adata.layers.keys())}"
+            )
+        counts = adata.layers[layer]
+    else:
+        counts = adata.X
+    if counts is None:
+        raise ValueError("adata.X is empty (None); pass layer=... to read counts from a layer")
+    genes = [str(g) for g in adata.var_names]
+    names = pd.Index(genes)
+    if not names.is_unique:
+        # prediction and the ATE tables address genes by name
+        duplicated = sorted(set(names[names.duplicated()]))
+        raise ValueError(
+            f"gene names (adata.var_names) are not unique: {_names(duplicated)} appear more than "
+            "once. Make them unique first, e.g. adata.var_names_make_unique()"
+        )
+    if spec is not None and genes != list(spec.genes):
+        missing_genes = [g for g in spec.genes if g not in set(genes)]
+        if missing_genes:
+            raise ValueError(
+                f"the data lacks {len(missing_genes)} genes the model was trained on: "
+                f"{_names(missing_genes)}"
+            )
+        raise ValueError(
+            "the data's genes differ from the model's (extra genes or another order); "
+            "subset and order them as the model's: adata[:, genes]"
+        )
+    counts = _row_source(counts)
+    n_cells, n_genes = adata.shape
+    library, gene_totals = _scan_counts(counts, n_cells, n_genes, genes)
+    if require_expressed_genes and (gene_totals == 0).any():
+        zero = [genes[g] for g in np.flatnonzero(gene_totals == 0)]
+        raise ValueError(
+            f"{len(zero)} genes have zero counts in every cell: {_names(zero)}. "
+            "Remove them first, e.g. adata = adata[:, adata.X.sum(0).A1 > 0]"
+        )
+    if (library == 0).any():
+        first = adata.obs_names[int(np.argmax(library == 0))]
+        raise ValueError(
+            f"{int((library == 0).sum())} cells have zero total counts (first: {first!r}); "
+            "remove empty cells"
+        )
+    return counts, genes, library
+
+
+# what a split without cells means for training and evaluation
+_EMPTY_SPLIT_CONSEQUENCE = {
+    "val": "early stopping and the choice of the best epoch use the training loss instead",
+    "test": "evaluation will report no test metrics (iwelbo: null)",
+}
+
+
+def _encode_split(obs, split_key: str | None, n_cells: int, seed: int, new_vocabulary: bool) -> np.ndarray:
+    """``train``/``val``/``test`` per cell: ``obs[split_key]`` when present, else a seeded random split.
+
+    ``new_vocabulary`` (training data): a random split needs every part non-empty (at
+    least :data:`MIN_CELLS_RANDOM_SPLIT` cells); a split column without ``val`` or
+    ``test`` cells is kept, with a warning that says what that implies (a column
+    without ``train`` cells is refused by training itself).
+    """
+    if split_key is not None and split_key in obs.columns:
+        split = obs[split_key].astype(str).to_numpy()
+        bad = sorted(set(split) - set(SPLITS))
+        if bad:
+            raise ValueError(
+                f"obs[{split_key!r}] may only hold {SPLITS}; found {_names(bad)}"
+            )
+        if new_vocabulary:
+            for name, consequence in _EMPTY_SPLIT_CONSEQUENCE.items():
+                if not (split == name).any():
+                    warnings.warn(f"obs[{split_key!r}] has no {name!r} cells: {consequence}", UserWarning, stacklevel=3)
+        return split
+    if new_vocabulary and n_cells < MIN_CELLS_RANDOM_SPLIT:
+        raise ValueError(
+            f"{n_cells} cells are too few to split: a random 64/16/20 train/val/test split needs at "
+            f"least {MIN_CELLS_RANDOM_SPLIT} cells to give each part one; add cells or give a "
+            "split column" + (f" (obs[{split_key!r}])" if split_key is not None else "")
+        )
+    return random_split(n_cells, seed=seed)
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -746,6 +835,12 @@ def _scan_counts(counts, n_cells: int, n_genes: int, genes: list[str]):
                 raise ValueError(
                     f"counts must be integers; found {bad} in cells {start}..{stop - 1}. "
                     "Pass raw counts (layer=... if adata.X holds normalised data)"
+                )
+            if (values > MAX_COUNT).any():
+                raise ValueError(
+                    f"counts above {MAX_COUNT:,} (2**24, the largest integer float32 training "
+                    f"represents exactly) are refused; found {values.max():g} in cells "
+                    f"{start}..{stop - 1}. Pass raw UMI counts"
                 )
         library[start:stop] = np.asarray(block.sum(axis=1)).ravel()
         gene_totals += np.asarray(block.sum(axis=0), dtype=np.float64).ravel()

@@ -56,6 +56,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .. import contract
 from ..data import PerturbationData
 from ..data.anndata import canonical_label
 from ._effects_shim import model_effects  # the model-effects API; lead: switch to `from .predictive import model_effects`
@@ -225,7 +226,7 @@ def ate_evaluator(
     block["ate_library"] = library if isinstance(library, str) else float(library)
     if memory_mb is not None:
         block["memory_mb"] = float(memory_mb)
-    block["composes"] = bool(getattr(run.model, "composes", True))
+    block["composes"] = contract.composes(run.model)
     block["data_cells"] = str(opts.get("ate_data_cells", "heldout"))
     if res["notes"]:
         block["notes"] = {lab: why for lab, why in res["notes"].items()}
@@ -264,9 +265,9 @@ def ate_evaluator(
         plots.ate_scatter(res, out_dir / "ate_scatter.png", title=run.name)
         if "idata" in res:
             plots.ppc_plot(res["idata"], out_dir / "ppc_zero_fraction.png", var="zero_fraction")
-        probs = getattr(run.guide, "mask_probabilities", None)
-        if probs is not None:
-            plots.mask_heatmap(probs().cpu().numpy(), list(data.spec.perturbations), out_dir / "mask_heatmap.png")
+        masks = contract.mask_probabilities(run.guide)
+        if masks is not None:
+            plots.mask_heatmap(contract.as_array(masks.probabilities), list(masks.labels), out_dir / "mask_heatmap.png")
 
 
 def _export_netcdf(idata, path: Path) -> None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import contract
+
 __all__ = [
     "DEFAULT_MEMORY_MB",
     "ate_working_memory",
@@ -112,5 +114,4 @@ def widest_layer(module, exclude: int = -1) -> int:
 
 def guide_hidden_width(guide) -> int:
     """Width of a guide network run per treatment and particle (0 if none)."""
-    encoder = getattr(guide, "effect_encoder", None)
-    return widest_layer(encoder) if encoder is not None else 0
+    return contract.treatment_network_width(guide)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from .. import contract
 from ..data import PerturbationData
 from ..normalize import lognormalize, normalize_total
 
@@ -175,7 +176,7 @@ def representable_labels(model, data: PerturbationData, labels) -> tuple[list[st
     """
     notes: dict[str, str] = {}
     ok: list[str] = []
-    composes = bool(getattr(model, "composes", True))
+    composes = contract.composes(model)
     train_labels = set(data.label_names(data.indices("train")).tolist())
     vocab = set(data.spec.perturbations)
     for lab in labels:

@@ -11,12 +11,12 @@ answers it generically from the model/guide contract (no per-model code needed):
    ones when ``x is None``), replay the model under that guide trace with
    ``observe=False``: locals come from the model's prior given (c, d), and the ``"x"``
    site is a draw of counts (or, for a Gaussian likelihood, of ``log1p(1e4 x / l)``);
-3. normalise each draw like the data: ``log2(1 + 1e4 * x / sum(x))``.
+3. normalise each draw like the data: ``log2(1 + 1e4 * x / sum(x))`` (a Gaussian
+   likelihood's draws, :func:`pyro_perturb.contract.likelihood_kind`, are already
+   ``ln(1 + 1e4 x / l)``: converted to log2).
 
-A model may replace step 2-3 by defining ``model.predict_lognorm(guide, batch) ->
-(B, G)`` (draws of log2(1 + 1e4-normalised) expression); :func:`predict_lognorm` calls it
-when present. Models that ignore covariates (no ``c`` in their prior or decoder) still
-answer, with covariate-blind predictions.
+Models that ignore covariates (no ``c`` in their prior or decoder) still answer, with
+covariate-blind predictions.
 
 Sequencing depth: group means are compared with observed cells at the observed depth
 (docs/evaluation.md, "Sequencing depth"), so the library sizes of predicted cells are drawn from the observed
@@ -42,6 +42,7 @@ import pyro
 import torch
 from pyro import poutine
 
+from .. import contract
 from ..data import Batch, PerturbationData
 from ..normalize import LIBRARY, lognormalize
 from .baselines import covariate_additive
@@ -59,14 +60,11 @@ _LN2 = math.log(2.0)
 def predict_lognorm(model, guide, batch: Batch) -> torch.Tensor:
     """Posterior-predictive draws ``(B, G)`` of log2(1 + 1e4-normalised) expression for the
     batch's (d, c, library), with locals from the prior (see the module docstring)."""
-    if hasattr(model, "predict_lognorm"):
-        return model.predict_lognorm(guide, batch)
     batch = replace(batch, x=None)
     guide_trace = poutine.trace(guide).get_trace(batch, observe=False)
     model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(batch, observe=False)
-    x = model_trace.nodes["x"]["value"]
-    kind = getattr(getattr(model, "likelihood", None), "kind", "nb")
-    if kind == "gaussian":
+    x = model_trace.nodes[contract.OBSERVED_SITE]["value"]
+    if contract.likelihood_kind(model) == "gaussian":
         return x / _LN2  # the Gaussian models log1p(1e4 x / l) = ln(1 + y); log2 = ln / ln 2
     return lognormalize(x)
 
@@ -298,9 +296,9 @@ def block_scores(run, data: PerturbationData, idx: np.ndarray, seed: int = 0, ma
     if len(idx) < 4:
         return {}
     lat = run.latents(data, indices=idx)
-    blocks = {k[2:] if k.startswith("X_") else k: v for k, v in lat.items() if k != "X_latent"}
+    blocks = contract.latent_blocks(lat)
     if len(blocks) < 2:
-        blocks = {"latent": lat["X_latent"]}
+        blocks = {"latent": lat[contract.LATENT_KEY]}
     cov = covariate_strings(data, idx)
     trt = data.label_names(idx)
     targets = {"covariate": cov, "treatment": trt, "product": np.array([f"{c}{SEP}{t}" for c, t in zip(cov, trt)])}

@@ -100,9 +100,10 @@ def posterior_predictive_check(
             chunk = labels[start : start + per_chunk]
             idx = np.concatenate([chosen[lab] for lab in chunk])
             owner = np.concatenate([np.full(len(chosen[lab]), j) for j, lab in enumerate(chunk)])
-            batch = data.batch(idx, device=device)  # rows come back sorted by cell index
+            # cells in index order: the predictive draws then match earlier releases exactly
             order = np.argsort(idx, kind="stable")
-            owner = owner[order]
+            idx, owner = idx[order], owner[order]
+            batch = data.batch(idx, device=device)
             x_obs = batch.x
             predictive = Predictive(model, posterior_samples=globals_, num_samples=num_draws, parallel=True, return_sites=("x",))
             x_pp = predictive(replace(batch, x=None))["x"].reshape(num_draws, len(idx), G)

@@ -27,6 +27,7 @@ import torch
 from pyro import poutine
 from pyro.infer import Predictive
 
+from .. import contract
 from ..data import Batch
 from ..normalize import LIBRARY
 from .ate_memory import DEFAULT_MEMORY_MB, ate_batch_for_memory, guide_hidden_width, widest_layer
@@ -129,7 +130,7 @@ def model_ate(
     if treatment_batch is None or memory_mb is not None:
         budget_rows, particle_batch = ate_batch_for_memory(
             DEFAULT_MEMORY_MB if memory_mb is None else memory_mb, len(rows), particle_batch, G,
-            int(getattr(model, "n_latent", 0) or 0), spec.n_perturbations, threads,
+            contract.n_latent(model), spec.n_perturbations, threads,
             hidden=widest_layer(model, exclude=G), guide_hidden=guide_hidden_width(guide),
         )
         treatment_batch = budget_rows if treatment_batch is None else min(treatment_batch, budget_rows)

@@ -14,19 +14,19 @@ found on the training cells) ``target_precision``, ``target_recall``, ``target_f
 the perturbations seen in training (held-out perturbations' parameters are untrained
 before a transfer, :mod:`pyro_perturb.infer.transfer`).
 
-Where the inferred targets come from (:func:`inferred_targets`): a model or guide method
-``target_scores()`` returning ``(scores, is_mask)`` with rows aligned with
-``spec.labels`` (or ``(scores, is_mask, row_names)``); masks are called targets where
-> 0.5, magnitudes by the top-k per row (k = the perturbation's true number of targets,
-an oracle the masks do not get). The guide's method wins over the model's (masks live in
-guides). Models without it (VAE, beta-VAE, conditional VAE) are scored by the empirical
-shift ``|mean latent of the label's cells - mean latent of the control cells|``, top-k.
+Where the inferred targets come from (:func:`inferred_targets`): the pair's
+:func:`pyro_perturb.contract.target_scores` (scores, is_mask, row labels); masks are
+called targets where > 0.5, magnitudes by the top-k per row (k = the perturbation's true
+number of targets, an oracle the masks do not get). Pairs without target scores (VAE,
+beta-VAE, conditional VAE) are scored by the empirical shift ``|mean latent of the
+label's cells - mean latent of the control cells|``, top-k.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from .. import contract
 from ..data.anndata import SPLITS
 from .metrics import linear_r2, match_latents, target_identification
 
@@ -40,21 +40,11 @@ def has_ground_truth(data) -> bool:
     return isinstance(gt, dict) and "targets" in gt and "z_true" in adata.obsm
 
 
-def _to_numpy(x) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x, dtype=float)
-
-
 def inferred_targets(run, latents: np.ndarray, data) -> tuple[np.ndarray, bool, list[str]]:
     """``(scores (R, L), is_mask, row label names)`` of a trained run (see module doc)."""
-    for owner in (run.guide, run.model):
-        fn = getattr(owner, "target_scores", None)
-        out = fn() if fn is not None else None
-        if out is not None:
-            scores, is_mask = out[0], bool(out[1])
-            names = list(out[2]) if len(out) > 2 else list(run.spec.labels)
-            return _to_numpy(scores), is_mask, names
+    declared = contract.target_scores(run.model, run.guide)
+    if declared is not None:
+        return declared.scores, declared.is_mask, declared.labels
     # empirical shifts from the posterior means, per label, relative to the controls
     codes = data.labels
     control = latents[codes == 0].mean(0) if np.any(codes == 0) else latents.mean(0)

@@ -49,12 +49,14 @@ class FCRGuide(PyroModule):
         self.enc_x = GaussianEncoder(n_hidden + n_cov, [n_hidden], n_latent_x)
         self.enc_t = GaussianEncoder(n_hidden + T, [n_hidden], n_latent_t)
         self.enc_tx = GaussianEncoder(n_hidden + n_cov + T, [n_hidden], n_latent_tx)
+        # (weak reference to the batch, posterior, graph state) of the last forward
+        self._last = None
 
     def cached_posterior(self, batch: Batch, differentiable: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """:meth:`posterior` of ``batch``, reusing the one of the last ``forward`` on this very
         batch object when possible: with ``differentiable`` only while its autograd graph is
         unused (no backward through it yet), otherwise its values (detached)."""
-        last = getattr(self, "_last", None)
+        last = self._last
         if last is not None and last[0]() is batch:
             ref, post, state = last
             if not differentiable:

@@ -39,6 +39,7 @@ from pyro import poutine
 from pyro.nn import PyroModule
 from torch import nn
 
+from ..contract import TargetScores, as_array
 from ..data import Batch, DataSpec
 from ..distributions import StraightThroughBernoulli, dosage_offset
 from ..nn import MLP, ExpressionNormalizer, GaussianEncoder
@@ -96,13 +97,17 @@ class _MaskMixin:
 
     @torch.no_grad()
     def mask_probabilities(self) -> torch.Tensor:
-        """``q(M_tl = 1)``, shape ``(T, L)``."""
+        """``q(M_tl = 1)``, shape ``(T, L)``, rows :meth:`mask_labels`."""
         return torch.sigmoid(self.mask_logits)
 
-    def target_scores(self):
+    def mask_labels(self) -> list[str]:
+        """Row names of :meth:`mask_probabilities`: the single perturbations."""
+        return list(self.spec.perturbations)
+
+    def target_scores(self) -> TargetScores:
         """For :mod:`pyro_perturb.evaluate.recovery`: ``q(M = 1)`` per perturbation
         (rows ``spec.perturbations``), called targets where > 0.5."""
-        return self.mask_probabilities(), True, list(self.spec.perturbations)
+        return TargetScores(as_array(self.mask_probabilities()), True, self.mask_labels())
 
 
 class SAMSVAEMeanFieldGuide(_MaskMixin, _ShiftGuideBase):
@@ -180,6 +185,11 @@ class SAMSVAECorrelatedGuide(_MaskMixin, _ShiftGuideBase):
         self._init_mask(mask_init_logit, temperature)
         self.effect_encoder = GaussianEncoder(n_latent + self.n_treatments, [n_hidden] * n_layers, n_latent)
 
+    def treatment_network(self) -> nn.Module:
+        """The network run once per treatment and particle, ``q(E_t | M_t, t)`` (the ATE's
+        memory model counts its activations)."""
+        return self.effect_encoder
+
     def _effect_params(self, M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         eye = torch.eye(self.n_treatments, dtype=M.dtype, device=M.device)
         # = effect_encoder(cat([M, eye])) without expanding eye to M's particle dims
@@ -233,10 +243,10 @@ class CPAVAEGuide(_ShiftGuideBase):
     def effect_mean(self) -> torch.Tensor:
         return self.E_loc.detach().clone()
 
-    def target_scores(self):
+    def target_scores(self) -> TargetScores:
         """For :mod:`pyro_perturb.evaluate.recovery`: ``|E|`` per perturbation (rows
         ``spec.perturbations``), ranked top-k (CPA-VAE has no mask)."""
-        return self.E_loc.detach().abs(), False, list(self.spec.perturbations)
+        return TargetScores(as_array(self.E_loc.detach().abs()), False, list(self.spec.perturbations))
 
     @torch.no_grad()
     def posterior_latents(self, batch: Batch) -> dict[str, torch.Tensor]:

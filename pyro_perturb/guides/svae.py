@@ -18,6 +18,7 @@ from pyro import poutine
 from pyro.nn import PyroModule
 from torch import nn
 
+from ..contract import TargetScores, as_array
 from ..data import Batch, DataSpec
 from ..distributions import StraightThroughBernoulli
 from ..models.svae import MASK_EPS, check_mask_gradient
@@ -112,12 +113,21 @@ class MaskedShiftGuide(SparseShiftGuide):
         self.mask_logits = nn.Parameter(torch.full((self.n_shifted, n_latent), float(mask_init_logit)))
         self.register_buffer("mask_temperature", torch.tensor(float(mask_temperature)))
 
-    def mask_probs(self) -> torch.Tensor:
-        """sigmoid(alpha) clamped as in the model, (A, L)."""
+    def _mask_probs(self) -> torch.Tensor:
+        """sigmoid(alpha) clamped as in the model, (A, L), differentiable."""
         return torch.sigmoid(self.mask_logits).clamp(MASK_EPS, 1 - MASK_EPS)
 
+    @torch.no_grad()
+    def mask_probabilities(self) -> torch.Tensor:
+        """q(m = 1) = sigmoid(alpha) clamped as in the model, (A, L), rows :meth:`mask_labels`."""
+        return self._mask_probs()
+
+    def mask_labels(self) -> list[str]:
+        """Row names of :meth:`mask_probabilities`: every label but the control."""
+        return list(self.spec.labels[1:])
+
     def _globals(self, batch: Batch) -> None:
-        pi = self.mask_probs()
+        pi = self._mask_probs()
         pyro.sample("mask_prob", dist.Delta(pi).to_event(2))
         if self.mask_gradient == "expected" and self.training:
             return  # the model integrates the mask out of its prior term exactly
@@ -134,11 +144,11 @@ class MaskedShiftGuide(SparseShiftGuide):
         return [(self.mask_logits, rows)]
 
     @torch.no_grad()
-    def target_scores(self):
-        """``(scores, is_mask)``: mask probabilities ``(n_labels, L)`` aligned with
-        ``spec.labels`` (row 0, the control, is 0), called targets where > 0.5."""
-        pi = self.mask_probs()
-        return torch.cat([torch.zeros_like(pi[:1]), pi], dim=0), True
+    def target_scores(self) -> TargetScores:
+        """Mask probabilities ``(n_labels, L)`` with rows ``spec.labels`` (row 0, the
+        control, is 0), called targets where > 0.5."""
+        pi = self.mask_probabilities()
+        return TargetScores(as_array(torch.cat([torch.zeros_like(pi[:1]), pi], dim=0)), True, list(self.spec.labels))
 
 
 class BetaVAEGuide(SparseShiftGuide):

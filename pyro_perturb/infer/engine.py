@@ -10,12 +10,15 @@ annealing is a linear warm-up of ``batch.kl_weight``, which models apply with
 ``poutine.scale`` to their latent sites.
 
 Each epoch ends with a validation ELBO, early stopping on it (the best state is kept),
-an atomic checkpoint, and a row of ``history.csv`` (``checkpoint_every_steps`` adds
-checkpoints inside an epoch). A run killed at any point resumes from its last checkpoint,
-mid-epoch ones included, and ends with the same parameters as an uninterrupted run.
+an atomic checkpoint, and a row of ``history.csv`` (``val_every_steps`` adds validations
+inside long epochs, ``checkpoint_every_steps`` checkpoints). The budget is ``max_epochs``
+and, when set, ``max_steps`` optimizer steps (reached mid-epoch, that partial epoch is
+validated and logged). The loop's state is one :class:`LoopState`. A run killed at any
+point resumes from its last checkpoint, mid-epoch ones included, and ends with the same
+parameters as an uninterrupted run.
 Under ``torchrun`` the same loop trains data-parallel (:mod:`.distributed`).
 
-Optional hooks a model may define (FCR uses them):
+Optional hooks a model may define (FCR uses them; :mod:`pyro_perturb.contract`):
 * ``model.auxiliary_loss(guide, batch) -> Tensor``: added to the negative ELBO;
 * ``model.adversary`` (an ``nn.Module``) and ``model.adversary_loss(guide, batch)``:
   trained by a separate Adam after each main step (adversarial regularisers).
@@ -37,6 +40,7 @@ import pyro
 import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
+from .. import contract
 from ..data import PerturbationData
 from .checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
 from .distributed import (
@@ -61,16 +65,37 @@ class TrainingDivergedError(RuntimeError):
 class TrainConfig:
     """Training settings (all overridable with ``fit --set key=value``).
 
+    The training budget: ``max_epochs`` passes over the training cells, and, when set,
+    ``max_steps`` optimizer steps, whichever comes first; early stopping
+    (``early_stopping_patience``) may end training sooner. An epoch is
+    ``ceil(n_train / batch_size)`` steps, so an epoch budget is a few hundred steps on a
+    small data set and hundreds of thousands on a large one; a step budget is the same
+    amount of optimisation whatever the data's size. The registry's training defaults
+    are step-based (:mod:`pyro_perturb.registry`).
+
     Attributes:
-        max_epochs: passes over the training cells.
+        max_epochs: passes over the training cells (with ``max_steps``: a second cap).
+        max_steps: optimizer steps, counted over the whole run; training stops when the
+            count reaches it, mid-epoch included (that partial epoch is then validated,
+            logged and checkpointed as an epoch end is). ``None``: no step cap.
         batch_size: cells per step.
         lr: Adam learning rate.
         weight_decay: Adam (L2) weight decay.
         clip_norm: gradient-norm clipping (``None``: off).
         num_particles: ELBO particles, vectorised.
-        kl_warmup_epochs: epochs of linear KL annealing from ~0 to 1 (0: none).
-        early_stopping_patience: epochs without validation improvement before stopping
-            (``None``: never stop early).
+        kl_warmup_epochs: epochs of linear KL annealing from ~0 to 1 (0: none). In
+            epochs, also under ``max_steps``: on a data set whose epochs are longer than
+            ``max_steps / kl_warmup_epochs`` steps the warm-up does not finish.
+        early_stopping_patience: validations without improvement before stopping
+            (``None``: never stop early): epochs, unless ``val_every_steps`` adds
+            validations inside long epochs, which count too.
+        val_every_steps: also validate every this many optimizer steps inside an epoch
+            (counted from the epoch's start; the epoch's end is validated as always), so
+            that a data set whose epoch is long, or longer than the whole ``max_steps``
+            budget, still keeps its best state and stops early. Each such validation adds
+            a row to the history (its ``epoch`` is the epoch in progress, its
+            ``train_loss`` the mean over that epoch's steps so far) and a checkpoint.
+            Epochs of at most this many steps are unaffected. ``None``: once per epoch.
         min_delta: improvement (per cell) that counts.
         elbo: ``"trace"`` (Monte Carlo KL) or ``"meanfield"`` (analytic KL where
             available).
@@ -99,6 +124,7 @@ class TrainConfig:
     """
 
     max_epochs: int = 100
+    max_steps: int | None = None
     batch_size: int = 512
     lr: float = 1e-3
     weight_decay: float = 1e-6
@@ -117,10 +143,14 @@ class TrainConfig:
     shuffle_buffer_blocks: int = 16
     checkpoint_every_steps: int | None = None
     validate_distributions: bool = False
+    val_every_steps: int | None = None
 
     def __post_init__(self) -> None:
         checks = [
             (self.max_epochs >= 1, f"max_epochs must be >= 1, got {self.max_epochs}"),
+            (self.max_steps is None or self.max_steps >= 1, f"max_steps must be None or >= 1, got {self.max_steps}"),
+            (self.val_every_steps is None or self.val_every_steps >= 1,
+             f"val_every_steps must be None or >= 1, got {self.val_every_steps}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (self.num_particles >= 1, f"num_particles must be >= 1, got {self.num_particles}"),
@@ -263,7 +293,111 @@ def validation_loss(
     return total / len(idx)
 
 
-HISTORY_FIELDS = ["epoch", "train_loss", "val_loss", "kl_weight", "seconds"]
+HISTORY_FIELDS = ["epoch", "train_loss", "val_loss", "kl_weight", "seconds", "step"]
+
+
+@dataclass
+class LoopState:
+    """Where a run of :func:`train` stands: what the loop carries from step to step, and
+    what its checkpoints save of it (beside the modules, optimizers and RNG states).
+
+    Attributes:
+        epoch: completed epochs.
+        step: optimizer steps done inside epoch ``epoch`` (0 at an epoch boundary; a
+            mid-epoch checkpoint resumes there).
+        global_step: optimizer steps since training began (``max_steps`` caps it).
+        running: sum over the epoch's steps so far of the per-cell training loss (this
+            process's; restored from a checkpoint: the mean over the processes).
+        epoch_seconds: seconds spent in epoch ``epoch`` before its mid-epoch checkpoint.
+        best_val: the lowest validation loss so far.
+        bad_epochs: validations in a row without improvement (epochs, unless
+            ``val_every_steps`` adds some); early stopping compares it to the patience.
+        best: ``{"model": state_dict, "guide": state_dict}`` at ``best_val`` (``None``
+            before the first improvement).
+        history: one row per validation, keys :data:`HISTORY_FIELDS`.
+        stopped_early: early stopping ended the run.
+        last_good: the modules' state after the last validation (or where training
+            started), restored when the loss diverges; not checkpointed.
+        last_good_at: where ``last_good`` was taken, for the divergence message.
+    """
+
+    epoch: int = 0
+    step: int = 0
+    global_step: int = 0
+    running: float = 0.0
+    epoch_seconds: float = 0.0
+    best_val: float = math.inf
+    bad_epochs: int = 0
+    best: dict | None = None
+    history: list[dict] = field(default_factory=list)
+    stopped_early: bool = False
+    last_good: dict | None = None
+    last_good_at: str = "after epoch 0"
+
+    def budget_spent(self, cfg: TrainConfig) -> bool:
+        """Early stopping or ``max_steps`` ended training (``max_epochs``: the caller's loop)."""
+        return self.stopped_early or (cfg.max_steps is not None and self.global_step >= cfg.max_steps)
+
+    def checkpoint_entries(self, running: float, epoch_seconds: float) -> dict:
+        """The loop's part of a checkpoint; ``running``: the epoch's loss sum so far,
+        averaged over the processes (0 at an epoch boundary)."""
+        return {
+            "epoch": self.epoch,
+            "step": int(self.step),
+            "global_step": int(self.global_step),
+            "running": float(running),
+            "epoch_seconds": float(epoch_seconds),
+            "best_val": float(self.best_val),
+            "bad_epochs": int(self.bad_epochs),
+            "history": [dict(r) for r in self.history],
+            "stopped_early": bool(self.stopped_early),
+        }
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict, steps_per_epoch: int) -> "LoopState":
+        """The state a checkpoint saved. Checkpoints written before step counts were kept
+        (no ``global_step``, rows without ``step``) ended every epoch they logged, so
+        their step counts follow from the epochs."""
+        epoch, step = ckpt["epoch"], int(ckpt.get("step", 0))
+        history = [dict(r) for r in ckpt["history"]]
+        for row in history:
+            row.setdefault("step", int(row["epoch"]) * steps_per_epoch)
+        global_step = int(ckpt.get("global_step", epoch * steps_per_epoch + step))
+        return cls(
+            epoch=epoch,
+            step=step,
+            global_step=global_step,
+            running=float(ckpt.get("running", 0.0)),
+            epoch_seconds=float(ckpt.get("epoch_seconds", 0.0)),
+            best_val=ckpt["best_val"],
+            bad_epochs=ckpt["bad_epochs"],
+            best={"model": ckpt["best_model"], "guide": ckpt["best_guide"]},
+            history=history,
+            stopped_early=bool(ckpt.get("stopped_early", False)),
+            last_good_at=f"at step {global_step}" if step else f"after epoch {epoch}",
+        )
+
+
+@dataclass
+class _Trainer:
+    """What stays fixed while :func:`train` runs: modules, optimizers, data, settings."""
+
+    model: torch.nn.Module
+    guide: torch.nn.Module
+    data: PerturbationData
+    cfg: TrainConfig
+    ctx: DistContext
+    device: torch.device
+    optimizer: torch.optim.Optimizer
+    adv_optimizer: object | None
+    step_elbo: object  # what training_step differentiates (see data_parallel_loss)
+    step_aux: Callable | None
+    run_dir: Path | None
+    callback: Callable[[int, dict], None] | None
+    n_train: int
+    has_val: bool
+    steps_per_epoch: int
+    progress: object | None = None  # tqdm bar over epochs (rank 0, cfg.progress)
 
 
 def train(
@@ -275,12 +409,16 @@ def train(
     resume: bool = False,
     callback: Callable[[int, dict], None] | None = None,
 ) -> list[dict]:
-    """Train ``model`` and ``guide`` in place; return the history (one dict per epoch).
+    """Train ``model`` and ``guide`` in place; return the history (one dict per
+    validation: each epoch's end, plus every ``cfg.val_every_steps`` steps inside long
+    epochs, plus where ``cfg.max_steps`` stops training mid-epoch; keys
+    :data:`HISTORY_FIELDS`, ``step`` being the optimizer steps done so far).
 
-    With ``run_dir``, a checkpoint is written atomically after every epoch and
-    ``history.csv`` kept up to date; ``resume=True`` continues from the checkpoint.
-    At the end the best state (lowest validation loss) is loaded into the modules.
-    ``callback(epoch, row)`` runs after each epoch's checkpoint.
+    With ``run_dir``, a checkpoint is written atomically after every validation (and
+    every ``cfg.checkpoint_every_steps`` steps) and ``history.csv`` kept up to date;
+    ``resume=True`` continues from the checkpoint. At the end the best state (lowest
+    validation loss) is loaded into the modules. ``callback(epoch, row)`` runs after
+    each row's checkpoint (``epoch``: ``row["epoch"]``, the epoch the row belongs to).
 
     When a ``torch.distributed`` process group is initialised (``torchrun``), training
     is data-parallel (see :mod:`pyro_perturb.infer.distributed`): each process trains
@@ -298,171 +436,202 @@ def train(
         raise ValueError("the training split is empty: no cell has split 'train'")
     has_val = len(data.indices("val")) > 0
 
-    adversary = getattr(model, "adversary", None)
+    settings = contract.optimizer_settings(model, guide)
+    adversary = settings.adversary
     adversary_params = set(id(p) for p in adversary.parameters()) if adversary is not None else set()
-    multipliers = {**getattr(model, "lr_multipliers", {}), **getattr(guide, "lr_multipliers", {}), **cfg.lr_multipliers}
+    multipliers = {**settings.lr_multipliers, **cfg.lr_multipliers}
     optimizer = torch.optim.Adam(
         _param_groups([model, guide], cfg, multipliers, adversary_params), lr=cfg.lr, weight_decay=cfg.weight_decay
     )
     adv_optimizer = (
-        torch.optim.Adam(adversary.parameters(), lr=getattr(model, "adversary_lr", cfg.lr))
+        torch.optim.Adam(adversary.parameters(), lr=cfg.lr if settings.adversary_lr is None else settings.adversary_lr)
         if adversary is not None
         else None
     )
     adv_optimizer = adversary_optimizer(adv_optimizer, ctx)
     elbo = make_elbo(cfg.elbo, cfg.num_particles, model.max_plate_nesting)
-    aux = getattr(model, "auxiliary_loss", None)
+    aux = contract.auxiliary_loss(model)
 
-    history: list[dict] = []
-    start_epoch, best_val, bad_epochs, best, stopped_early = 0, math.inf, 0, None, False
-    # where a mid-epoch checkpoint left the epoch start_epoch
-    start_step, resumed_running, resumed_seconds = 0, 0.0, 0.0
+    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     if resume:
         if run_dir is None:
             raise ValueError("resume=True needs a run directory")
-        ckpt = load_checkpoint(Path(run_dir))
-        model.load_state_dict(ckpt["model"])
-        guide.load_state_dict(ckpt["guide"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if adv_optimizer is not None and "adversary_optimizer" in ckpt:
-            adv_optimizer.load_state_dict(ckpt["adversary_optimizer"])
-        rng_states = ckpt.get("rng_torch_ranks", [ckpt["rng_torch"]])
-        if len(rng_states) != ctx.world_size:
-            raise ValueError(
-                f"the checkpoint in {run_dir} was written by {len(rng_states)} training process(es); "
-                f"resume it with as many (this run has {ctx.world_size})"
-            )
-        torch.set_rng_state(rng_states[ctx.rank])
-        start_epoch, best_val, bad_epochs = ckpt["epoch"], ckpt["best_val"], ckpt["bad_epochs"]
-        start_step = int(ckpt.get("step", 0))
-        resumed_running, resumed_seconds = float(ckpt.get("running", 0.0)), float(ckpt.get("epoch_seconds", 0.0))
-        best = {"model": ckpt["best_model"], "guide": ckpt["best_guide"]}
-        history = [dict(r) for r in ckpt["history"]]
-        stopped_early = bool(ckpt.get("stopped_early", False))
-    last_good = _state(model, guide)
+        state = _resume(Path(run_dir), model, guide, optimizer, adv_optimizer, ctx, steps_per_epoch)
+    else:
+        state = LoopState()
+    state.last_good = _state(model, guide)
     # what training_step differentiates: the ELBO (+ aux) itself in one process; when
     # distributed, the same loss computed through DistributedDataParallel (gradients
     # averaged across ranks in backward)
     step_elbo, step_aux = data_parallel_loss(model, guide, elbo, aux, ctx)
-    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
-    checkpoint_writer = None
-    if run_dir is not None:
-        def checkpoint_writer(epoch_done, step=0, running=0.0, epoch_seconds=0.0):
-            # collective: every rank hands over its RNG state, rank 0 writes
-            rng_states = gather_rng_states(ctx)
-            if ctx.is_main:
-                _write_checkpoint(run_dir, model, guide, optimizer, adv_optimizer, epoch_done, best_val, bad_epochs,
-                                  best, history, stopped_early, rng_states, step, running, epoch_seconds)
-
-    epochs = range(start_epoch, cfg.max_epochs)
+    trainer = _Trainer(
+        model, guide, data, cfg, ctx, device, optimizer, adv_optimizer, step_elbo, step_aux,
+        Path(run_dir) if run_dir is not None else None, callback, n_train, has_val, steps_per_epoch,
+    )
     if cfg.progress and ctx.is_main:
         from tqdm.auto import tqdm
 
-        epochs = tqdm(epochs, initial=start_epoch, total=cfg.max_epochs, desc="epochs", unit="ep")
-    for epoch in epochs:
-        if stopped_early:
-            break
-        # a mid-epoch checkpoint resumes inside its epoch, at its step
-        first_step = start_step if epoch == start_epoch else 0
-        t0 = time.perf_counter() - (resumed_seconds if first_step else 0.0)
-        kl_weight = kl_weight_at(epoch, cfg.kl_warmup_epochs)
-        model.train()
-        guide.train()
-        running, n_steps = (resumed_running, first_step) if first_step else (0.0, 0)
-        for step, batch in enumerate(
-            data.batches(
-                "train", cfg.batch_size, shuffle=True, seed=cfg.seed * 1_000_003 + epoch, device=device,
-                block_size=cfg.shuffle_block_size, buffer_blocks=cfg.shuffle_buffer_blocks, shard=ctx.shard,
-                start_step=first_step,
-            ),
-            start=first_step,
-        ):
-            batch = batch.with_kl_weight(kl_weight)
-            loss = training_step(model, guide, batch, step_elbo, optimizer, cfg.clip_norm, step_aux, adv_optimizer,
-                                 validate_distributions=cfg.validate_distributions)
-            if not torch.isfinite(loss):
-                model.load_state_dict(last_good["model"])
-                guide.load_state_dict(last_good["guide"])
-                raise TrainingDivergedError(
-                    f"the loss became {float(loss)} at epoch {epoch + 1}, step {step + 1}; "
-                    f"training stopped and the last good state (after epoch {epoch}) was kept"
-                    + (f" in {run_dir}" if run_dir else "")
-                    + ". Try a lower learning rate (--lr) or gradient clipping (--set clip_norm=1)"
-                )
-            running += float(loss) / n_train
-            n_steps += 1
-            if (checkpoint_writer is not None and cfg.checkpoint_every_steps
-                    and n_steps % cfg.checkpoint_every_steps == 0 and n_steps < steps_per_epoch):
-                (mean_running,) = all_reduce_sum([running / ctx.world_size], ctx, device)
-                checkpoint_writer(epoch, n_steps, mean_running, time.perf_counter() - t0)
-        # the ranks' losses are estimates of the same batch loss: average them
-        (running,) = all_reduce_sum([running / ctx.world_size], ctx, device)
-        model.eval()
-        guide.eval()
-        val = (
-            validation_loss(model, guide, data, "val", cfg, device, seed=cfg.seed + 7919, ctx=ctx)
-            if has_val
-            else running / n_steps
+        trainer.progress = tqdm(initial=state.epoch, total=cfg.max_epochs, desc="epochs", unit="ep")
+    while state.epoch < cfg.max_epochs and not state.budget_spent(cfg):
+        _train_epoch(trainer, state)
+    if trainer.progress is not None:
+        trainer.progress.close()
+    if state.best is not None:
+        model.load_state_dict(state.best["model"])
+        guide.load_state_dict(state.best["guide"])
+    return state.history
+
+
+def _resume(run_dir: Path, model, guide, optimizer, adv_optimizer, ctx: DistContext, steps_per_epoch: int) -> LoopState:
+    """Load the checkpoint in ``run_dir`` into the modules, optimizers and this
+    process's RNG; return the loop state it saved."""
+    ckpt = load_checkpoint(run_dir)
+    model.load_state_dict(ckpt["model"])
+    guide.load_state_dict(ckpt["guide"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if adv_optimizer is not None and "adversary_optimizer" in ckpt:
+        adv_optimizer.load_state_dict(ckpt["adversary_optimizer"])
+    rng_states = ckpt.get("rng_torch_ranks", [ckpt["rng_torch"]])
+    if len(rng_states) != ctx.world_size:
+        raise ValueError(
+            f"the checkpoint in {run_dir} was written by {len(rng_states)} training process(es); "
+            f"resume it with as many (this run has {ctx.world_size})"
         )
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": running / n_steps,
-            "val_loss": val,
-            "kl_weight": kl_weight,
-            "seconds": time.perf_counter() - t0,
-        }
-        history.append(row)
-        # early stopping on the validation loss; warm-up epochs never count as "bad"
-        if math.isfinite(val) and val < best_val - cfg.min_delta:
-            best_val, bad_epochs, best = val, 0, _state(model, guide)
-        elif epoch >= cfg.kl_warmup_epochs:
-            bad_epochs += 1
-        if cfg.early_stopping_patience is not None and bad_epochs >= cfg.early_stopping_patience:
-            stopped_early = True
-        last_good = _state(model, guide)
-        if checkpoint_writer is not None:
-            checkpoint_writer(epoch + 1)
-        if cfg.progress and ctx.is_main:
-            epochs.set_postfix(loss=f"{row['train_loss']:.4g}", val=f"{val:.4g}")
-        if callback is not None and ctx.is_main:
-            callback(epoch + 1, row)
-    if best is not None:
-        model.load_state_dict(best["model"])
-        guide.load_state_dict(best["guide"])
-    return history
+    torch.set_rng_state(rng_states[ctx.rank])
+    return LoopState.from_checkpoint(ckpt, steps_per_epoch)
 
 
-def _write_checkpoint(run_dir, model, guide, optimizer, adv_optimizer, epoch, best_val, bad_epochs, best, history,
-                      stopped_early, rng_states, step=0, running=0.0, epoch_seconds=0.0):
-    """``epoch`` completed epochs, plus ``step`` optimizer steps of the next one (with
-    its summed loss so far, ``running``) for a mid-epoch checkpoint; ``rng_states``: the
-    torch RNG state of every training process, by rank."""
+def _train_epoch(t: _Trainer, state: LoopState) -> None:
+    """Train epoch ``state.epoch`` from step ``state.step`` (a mid-epoch checkpoint
+    resumes inside its epoch) to its end, or until a mid-epoch validation ends
+    training (``max_steps`` reached, early stopping)."""
+    cfg, ctx = t.cfg, t.ctx
+    epoch, first_step = state.epoch, state.step
+    # resumed mid-epoch: the epoch's loss sum (state.running) and time so far go on
+    t0 = time.perf_counter() - (state.epoch_seconds if first_step else 0.0)
+    if not first_step:
+        state.running = 0.0
+    kl_weight = kl_weight_at(epoch, cfg.kl_warmup_epochs)
+    t.model.train()
+    t.guide.train()
+    for batch in t.data.batches(
+        "train", cfg.batch_size, shuffle=True, seed=cfg.seed * 1_000_003 + epoch, device=t.device,
+        block_size=cfg.shuffle_block_size, buffer_blocks=cfg.shuffle_buffer_blocks, shard=ctx.shard,
+        start_step=first_step,
+    ):
+        batch = batch.with_kl_weight(kl_weight)
+        loss = training_step(t.model, t.guide, batch, t.step_elbo, t.optimizer, cfg.clip_norm, t.step_aux,
+                             t.adv_optimizer, validate_distributions=cfg.validate_distributions)
+        if not torch.isfinite(loss):
+            t.model.load_state_dict(state.last_good["model"])
+            t.guide.load_state_dict(state.last_good["guide"])
+            raise TrainingDivergedError(
+                f"the loss became {float(loss)} at epoch {epoch + 1}, step {state.step + 1}; "
+                f"training stopped and the last good state ({state.last_good_at}) was kept"
+                + (f" in {t.run_dir}" if t.run_dir else "")
+                + ". Try a lower learning rate (--lr) or gradient clipping (--set clip_norm=1)"
+            )
+        state.running += float(loss) / t.n_train
+        state.step += 1
+        state.global_step += 1
+        if state.step >= t.steps_per_epoch:
+            continue  # the epoch's last step: validated below
+        budget_reached = cfg.max_steps is not None and state.global_step >= cfg.max_steps
+        if budget_reached or (cfg.val_every_steps and state.step % cfg.val_every_steps == 0):
+            _validate(t, state, kl_weight, t0, epoch_done=False)
+            if state.budget_spent(cfg):
+                return
+            t.model.train()
+            t.guide.train()
+        elif t.run_dir is not None and cfg.checkpoint_every_steps and state.step % cfg.checkpoint_every_steps == 0:
+            (mean_running,) = all_reduce_sum([state.running / ctx.world_size], ctx, t.device)
+            _checkpoint(t, state, mean_running, time.perf_counter() - t0)
+    _validate(t, state, kl_weight, t0, epoch_done=True)
+
+
+def _validate(t: _Trainer, state: LoopState, kl_weight: float, t0: float, epoch_done: bool) -> None:
+    """Validation at the end of an epoch (``epoch_done``) or inside it: a history row,
+    early stopping, a checkpoint, the progress bar and the callback."""
+    cfg, ctx = t.cfg, t.ctx
+    # the ranks' losses are estimates of the same batch loss: average them
+    (running,) = all_reduce_sum([state.running / ctx.world_size], ctx, t.device)
+    t.model.eval()
+    t.guide.eval()
+    val = (
+        validation_loss(t.model, t.guide, t.data, "val", cfg, t.device, seed=cfg.seed + 7919, ctx=ctx)
+        if t.has_val
+        else running / state.step
+    )
+    row = {
+        "epoch": state.epoch + 1,
+        "train_loss": running / state.step,
+        "val_loss": val,
+        "kl_weight": kl_weight,
+        "seconds": time.perf_counter() - t0,
+        "step": state.global_step,
+    }
+    state.history.append(row)
+    # early stopping on the validation loss; warm-up epochs never count as "bad"
+    if math.isfinite(val) and val < state.best_val - cfg.min_delta:
+        state.best_val, state.bad_epochs, state.best = val, 0, _state(t.model, t.guide)
+    elif state.epoch >= cfg.kl_warmup_epochs:
+        state.bad_epochs += 1
+    if cfg.early_stopping_patience is not None and state.bad_epochs >= cfg.early_stopping_patience:
+        state.stopped_early = True
+    state.last_good = _state(t.model, t.guide)
+    if epoch_done:
+        state.epoch, state.step, state.running = state.epoch + 1, 0, 0.0
+        state.last_good_at = f"after epoch {state.epoch}"
+        _checkpoint(t, state)
+    else:
+        state.last_good_at = f"at step {state.global_step}"
+        _checkpoint(t, state, running, time.perf_counter() - t0)
+    if t.progress is not None:
+        t.progress.set_postfix(loss=f"{row['train_loss']:.4g}", val=f"{val:.4g}")
+        if epoch_done:
+            t.progress.update(1)
+    if t.callback is not None and ctx.is_main:
+        t.callback(row["epoch"], row)
+
+
+def _checkpoint(t: _Trainer, state: LoopState, running: float = 0.0, epoch_seconds: float = 0.0) -> None:
+    """Checkpoint ``state`` (with a run directory). Collective: every rank hands over
+    its RNG state, rank 0 writes."""
+    if t.run_dir is None:
+        return
+    rng_states = gather_rng_states(t.ctx)
+    if t.ctx.is_main:
+        _write_checkpoint(t.run_dir, t.model, t.guide, t.optimizer, t.adv_optimizer, state, rng_states, running,
+                          epoch_seconds)
+
+
+def _write_checkpoint(run_dir, model, guide, optimizer, adv_optimizer, state: LoopState, rng_states, running=0.0,
+                      epoch_seconds=0.0):
+    """``state.epoch`` completed epochs, plus ``state.step`` optimizer steps of the next
+    one (with its summed loss so far, ``running``) for a mid-epoch checkpoint;
+    ``rng_states``: the torch RNG state of every training process, by rank."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    state = {
-        "epoch": epoch,
-        "step": int(step),
-        "running": float(running),
-        "epoch_seconds": float(epoch_seconds),
+    best = state.best
+    checkpoint = {
+        **state.checkpoint_entries(running, epoch_seconds),
         "rng_torch_ranks": list(rng_states),
         "model": model.state_dict(),
         "guide": guide.state_dict(),
         "optimizer": optimizer.state_dict(),
         "rng_torch": rng_states[0],
-        "best_val": float(best_val),
-        "bad_epochs": int(bad_epochs),
         "best_model": best["model"] if best else model.state_dict(),
         "best_guide": best["guide"] if best else guide.state_dict(),
-        "history": [dict(r) for r in history],
-        "stopped_early": bool(stopped_early),
     }
     if adv_optimizer is not None:
-        state["adversary_optimizer"] = adv_optimizer.state_dict()
-    save_checkpoint(state, run_dir)
-    write_history(history, run_dir / "history.csv")
+        checkpoint["adversary_optimizer"] = adv_optimizer.state_dict()
+    save_checkpoint(checkpoint, run_dir)
+    write_history(state.history, run_dir / "history.csv")
 
 
 def write_history(history: list[dict], path: Path) -> None:
+    """``history.csv``: one line per row, columns :data:`HISTORY_FIELDS` (a value a row
+    lacks, e.g. ``step`` in a history written before steps were logged, is left empty)."""
     def write(f):
         import io
 
@@ -470,7 +639,18 @@ def write_history(history: list[dict], path: Path) -> None:
         w = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS)
         w.writeheader()
         for r in history:
-            w.writerow({k: r[k] for k in HISTORY_FIELDS})
+            w.writerow({k: _history_cell(k, r.get(k)) for k in HISTORY_FIELDS})
         f.write(buf.getvalue().encode())
 
     atomic_write_bytes(Path(path), write)
+
+
+def _history_cell(key: str, value):
+    """A ``history.csv`` cell. ``epoch`` and ``step`` are integers; a history read back
+    by pandas holds them as floats, and a missing ``step`` (a history written before
+    steps were logged) as NaN, written as an empty cell."""
+    if key in ("epoch", "step"):
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return ""
+        return int(value)
+    return value

@@ -124,11 +124,8 @@ def iwelbo(
                 sub = idx[start : start + batch_size]
                 # positions keep the batch's order; the plate size is the batch itself
                 batch = data.batch(sub, device=device)
-                order = np.argsort(sub, kind="stable")
                 logw, globals_k = log_weights(model, guide, batch, k, globals_k)
-                unsorted = torch.empty_like(logw)
-                unsorted[:, torch.as_tensor(order, device=logw.device)] = logw
-                columns.append(unsorted)
+                columns.append(logw)
             per_chunk.append(torch.cat(columns, dim=1))
     logw = torch.cat(per_chunk, dim=0)
     return (torch.logsumexp(logw, dim=0) - math.log(num_particles)).double().cpu().numpy()

@@ -9,7 +9,7 @@ nothing is fitted and every held-out cell is evaluated.
 
 Which parameters are fitted is the model's and the guide's business: each may define
 ``transfer_parameters(label_codes, reset=True) -> [(parameter, rows)]`` (rows of dim 0 to
-train, re-initialised when ``reset``). A model with no per-label parameter (VAE,
+train, re-initialised when ``reset``; :func:`pyro_perturb.contract.transfer_parameters`). A model with no per-label parameter (VAE,
 beta-VAE: the prior is N(0, I) for every cell) has nothing to fit: its transfer is just
 the evaluation of the frozen model on the held-out cells, and the result says so
 (``n_parameters_fitted = 0``).
@@ -29,6 +29,7 @@ import numpy as np
 import pyro
 import torch
 
+from .. import contract
 from ..data import PerturbationData
 from .engine import make_elbo, resolve_device
 from .iwelbo import log_weights
@@ -116,11 +117,7 @@ def transfer(
     fit_idx, eval_idx = _split_cells(data, codes, split, fit_fraction, seed, fit_cells_per_label)
     code_t = torch.as_tensor(codes, dtype=torch.long)
 
-    pairs = []
-    for module in (model, guide):
-        fn = getattr(module, "transfer_parameters", None)
-        if fn is not None:
-            pairs += fn(code_t, reset=True)
+    pairs = contract.transfer_parameters(model, guide, code_t, reset=True)
     n_fitted = int(sum(len(rows) * int(np.prod(p.shape[1:])) for p, rows in pairs))
 
     model.eval()

@@ -74,6 +74,7 @@ from pyro import poutine
 from pyro.nn import PyroModule
 from torch import nn
 
+from .. import contract
 from ..data import Batch, DataSpec
 from ..likelihoods import CountLikelihood
 from ..nn import MLP, GaussianEncoder, broadcast_cat
@@ -324,10 +325,7 @@ class FCRModel(PyroModule):
         # the guide's posterior from this step's ELBO pass on the same batch when available
         # (for the discriminator: the encoders' output before this step's update, as in
         # FactorVAE, which trains D on the same draws)
-        if hasattr(guide, "cached_posterior"):
-            post = guide.cached_posterior(batch, differentiable=not detach)
-        else:
-            post = guide.posterior(batch)
+        post = contract.cached_posterior(guide, batch, differentiable=not detach)
         draws = {}
         for name, (loc, scale) in post.items():
             draws[name] = loc + scale * torch.randn_like(loc)

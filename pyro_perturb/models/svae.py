@@ -48,6 +48,7 @@ from pyro.nn import PyroModule
 from torch import nn
 from torch.distributions import Independent, constraints, kl_divergence, register_kl
 
+from ..contract import TargetScores, as_array
 from ..data import Batch, DataSpec
 from ..likelihoods import CountLikelihood
 from ..nn import MLP
@@ -266,11 +267,11 @@ class SparseShiftModel(PyroModule):
         return [(self.shift, rows)]
 
     @torch.no_grad()
-    def target_scores(self):
-        """``(|mu|, False)`` aligned with ``spec.labels`` (row 0 = control), or ``None``
+    def target_scores(self) -> TargetScores | None:
+        """``|mu|`` with rows ``spec.labels`` (row 0 = control), ranked top-k, or ``None``
         without per-label shifts. Mask members' guides give mask probabilities instead."""
         mu = self.shift_matrix()
-        return None if mu is None else (mu.abs(), False)
+        return None if mu is None else TargetScores(as_array(mu.abs()), False, list(self.spec.labels))
 
     @torch.no_grad()
     def shift_matrix(self) -> torch.Tensor | None:
