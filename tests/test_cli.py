@@ -51,7 +51,13 @@ def test_fit_evaluate_predict(tiny_file, tmp_path, capsys):
     metrics_path = tmp_path / "eval" / "metrics.json"
     assert main(["evaluate", str(run_dir), "--data", str(tiny_file), "--out", str(metrics_path), "--num-particles", "5",
                  "--ate-particles", "20", "--ate-memory-mb", "512", "--no-plots"]) == 0
+    printed = capsys.readouterr().out
+    # the model beside the baselines, as a table, after metrics.json is written
+    assert "model vs baselines" in printed and "lognorm_delta, all labels" in printed and "pseudobulk_lfc" in printed
+    assert "pearson_delta" in printed and "mean_effect" in printed and "*" in printed
     metrics = json.loads(metrics_path.read_text())
+    assert {"model", "no_change", "mean_effect", "empirical"} <= set(metrics["comparison"]["lognorm_delta"]["seen"])
+    assert (metrics_path.parent / "comparison.csv").exists()
     assert metrics["ate"]["num_particles"] == 20 and "ate_pearson" in metrics["ate"]["all"]
     assert metrics["ate"]["memory_mb"] == 512
     assert (metrics_path.parent / "ate_model.csv").exists()
@@ -124,8 +130,16 @@ def test_console_script_entry_point():
     assert result.returncode == 0 and "cvae" in result.stdout
 
 
-def test_demo_quick(tmp_path):
+def test_demo_quick(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 0
+    captured = capsys.readouterr()
+    summary = captured.out[captured.out.index("== pyro-perturb demo"):]
+    assert "fitted   sams_vae on" in summary and "epochs" in summary and "steps" in summary
+    assert "held-out doubles" in summary and "additive" in summary and "no_change" in summary
+    assert "pearson_delta" in summary and "mse_delta" in summary and "metrics.json" in summary
+    assert "ate_scatter.png" in summary and "comparison.csv" in summary
+    assert "epochs" in captured.err  # the training progress bar
+    assert (tmp_path / "demo" / "summary.txt").read_text().strip() == summary.strip()
     metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
     assert np.isfinite(metrics["test"]["iwelbo"])
     assert (tmp_path / "demo" / "summary.txt").exists()

@@ -11,6 +11,7 @@ import scipy.sparse as sp
 from pyro_perturb.data.splits import (
     combinatorial_split,
     heldout_perturbation_split,
+    hold_out_controls,
     random_split,
 )
 
@@ -199,3 +200,72 @@ def test_combinatorial_split_errors():
         combinatorial_split(_toy(), 0.5, test_fraction=0.0)
     with pytest.raises(ValueError, match="separator"):
         combinatorial_split(_toy(), 0.5, separator="")
+
+
+# ---------------------------------------------------------------- held-out controls
+
+
+def _control_split(n_control=50, n_other=30):
+    labels = np.array(["control"] * n_control + ["A"] * n_other + ["B"] * n_other)
+    split = np.array(["train"] * n_control + ["train"] * n_other + ["val"] * 5 + ["test"] * (n_other - 5))
+    return split, labels
+
+
+def test_hold_out_controls_moves_a_seeded_fraction_with_a_warning():
+    split, labels = _control_split()
+    with pytest.warns(UserWarning, match=r"all 50 control cells .* 10 of them \(20%, seeded by seed=3\) were moved to 'test'"):
+        out = hold_out_controls(split, labels, "control", 0.2, seed=3)
+    moved = np.flatnonzero(out != split)
+    assert len(moved) == 10 and (labels[moved] == "control").all() and (out[moved] == "test").all()
+    assert split[0] == "train" and (split[:50] == "train").all()  # the input is not modified
+    with pytest.warns(UserWarning):
+        again = hold_out_controls(split, labels, "control", 0.2, seed=3)
+    np.testing.assert_array_equal(out, again)
+    with pytest.warns(UserWarning):
+        other = hold_out_controls(split, labels, "control", 0.2, seed=4)
+    assert (other != out).any()
+    with pytest.warns(UserWarning, match="5 of them"):
+        assert (hold_out_controls(split, labels, "control", 0.1, seed=3) == "test").sum() == 25 + 5
+
+
+def test_hold_out_controls_leaves_honest_or_unevaluated_splits_alone(recwarn):
+    split, labels = _control_split()
+    np.testing.assert_array_equal(hold_out_controls(split, labels, "control", 0.0), split)
+    already = split.copy()
+    already[0] = "val"  # a control is already held out
+    np.testing.assert_array_equal(hold_out_controls(already, labels, "control"), already)
+    all_train = np.full(len(split), "train")  # nothing is evaluated on held-out cells
+    np.testing.assert_array_equal(hold_out_controls(all_train, labels, "control"), all_train)
+    assert not recwarn.list
+    no_test = np.where(split == "test", "val", split)  # held-out cells only in val: controls go to val
+    out = hold_out_controls(no_test, labels, "control", 0.2, seed=0, warn=False)
+    assert not recwarn.list and (out == "test").sum() == 0 and (out[:50] == "val").sum() == 10
+    with pytest.raises(ValueError, match="heldout_control_fraction"):
+        hold_out_controls(split, labels, "control", 1.0)
+    with pytest.raises(ValueError, match="shape"):
+        hold_out_controls(split[:-1], labels, "control")
+
+
+def test_from_anndata_holds_controls_out_of_a_split_column():
+    from pyro_perturb.data import PerturbationData
+
+    split, labels = _control_split(n_control=40, n_other=20)
+    rng = np.random.default_rng(0)
+    adata = ad.AnnData(
+        sp.csr_matrix(rng.poisson(3.0, size=(len(labels), 8)).astype(np.float32) + 1),
+        obs=pd.DataFrame({"perturbation": labels, "split": split}, index=[f"c{i}" for i in range(len(labels))]),
+    )
+    with pytest.warns(UserWarning, match="8 of them"):
+        data = PerturbationData.from_anndata(adata, seed=1)
+    controls = data.label_names() == "control"
+    assert ((data.split == "test") & controls).sum() == 8
+    with pytest.warns(UserWarning):
+        np.testing.assert_array_equal(PerturbationData.from_anndata(adata, seed=1).split, data.split)
+    # re-encoding for a trained model: the same cells, silently
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(PerturbationData.from_anndata(adata, spec=data.spec, seed=1).split, data.split)
+    kept = PerturbationData.from_anndata(adata, heldout_control_fraction=0)
+    np.testing.assert_array_equal(kept.split, split)

@@ -235,8 +235,9 @@ class PerturbationData:
             split_key: ``obs`` column with ``train``/``val``/``test``; when absent a
                 seeded random 64/16/20 cell split is drawn. A column that keeps every
                 control cell in training while holding other cells out gets
-                ``heldout_control_fraction`` of the controls moved to ``test``, with a
-                warning (:func:`~pyro_perturb.data.splits.hold_out_controls`).
+                ``heldout_control_fraction`` of the controls moved to ``test`` (``val``
+                without test cells), with a warning when building a new vocabulary
+                (:func:`~pyro_perturb.data.splits.hold_out_controls`).
             combination_separator: separator of combination labels (``"A+B"``).
             dose_key: optional ``obs`` column of doses: a number scales every component,
                 a string such as ``"1.0+0.5"`` gives one dose per component.
@@ -281,7 +282,7 @@ class PerturbationData:
         split = _encode_split(adata.obs, split_key, n_cells, seed, new_vocabulary=spec is None)
         if split_key is not None and split_key in adata.obs.columns:  # the user's column: controls held out?
             cell_labels = np.asarray(labels.canonical, dtype=object)[labels.inverse]
-            split = hold_out_controls(split, cell_labels, control, heldout_control_fraction, seed)
+            split = hold_out_controls(split, cell_labels, control, heldout_control_fraction, seed, warn=spec is None)
 
         new_spec = DataSpec(
             genes=genes,

@@ -303,6 +303,7 @@ def hold_out_controls(
     control: str,
     fraction: float = HELDOUT_CONTROL_FRACTION,
     seed: int = 0,
+    warn: bool = True,
 ) -> np.ndarray:
     """Move a seeded fraction of the control cells to "test" when none is held out.
 
@@ -311,10 +312,12 @@ def hold_out_controls(
     every baseline built on the training cells, which correlates them and flatters the
     baselines. A user's split column often keeps all controls in training; then
     ``round(fraction * n_controls)`` of them (at least 1, leaving at least 1 in training),
-    chosen by a permutation seeded by ``seed``, go to "test", with a ``UserWarning`` that
-    says how many. The split is returned unchanged when some control cell is already in
-    "val" or "test", when no cell of another label is held out (nothing is evaluated on
-    held-out cells), when ``fraction`` is 0, or when there are fewer than 2 control cells.
+    chosen by a permutation seeded by ``seed``, go to "test" ("val" when the split has no
+    test cell, so that a split without a test part keeps none), with a ``UserWarning``
+    that says how many. The split is returned unchanged when some control cell is already
+    in "val" or "test", when no cell of another label is held out (nothing is evaluated
+    on held-out cells), when ``fraction`` is 0, or when there are fewer than 2 control
+    cells.
 
     Args:
         split: (n_cells,) "train" / "val" / "test" per cell.
@@ -323,6 +326,8 @@ def hold_out_controls(
         fraction: share of the control cells to hold out, in [0, 1).
         seed: random seed; the chosen cells depend only on it and on the positions of the
             control cells.
+        warn: give the warning (False when re-encoding data a model was trained on: the
+            same cells were held out, and said so, at training time).
 
     Returns:
         A new (n_cells,) array of str (the input is not modified).
@@ -344,13 +349,15 @@ def hold_out_controls(
         return out
     n_out = min(max(_round_half_up(fraction * controls.size), 1), controls.size - 1)
     chosen = np.sort(np.random.default_rng(seed).permutation(controls)[:n_out])
-    out[chosen] = "test"
-    warnings.warn(
-        f"the split puts all {controls.size} control cells ({control!r}) in training; {n_out} of them "
-        f"({fraction:.0%}, seeded by seed={seed}) were moved to 'test' so that held-out effects are measured "
-        "against held-out controls. Hold controls out in the split column, or pass "
-        "heldout_control_fraction=0 to keep the split as given",
-        UserWarning,
-        stacklevel=3,
-    )
+    target = "test" if (out == "test").any() else "val"
+    out[chosen] = target
+    if warn:
+        warnings.warn(
+            f"the split puts all {controls.size} control cells ({control!r}) in training; {n_out} of them "
+            f"({fraction:.0%}, seeded by seed={seed}) were moved to {target!r} so that held-out effects are "
+            "measured against held-out controls. Hold controls out in the split column, or pass "
+            "heldout_control_fraction=0 to keep the split as given",
+            UserWarning,
+            stacklevel=3,
+        )
     return out
