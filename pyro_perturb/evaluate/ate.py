@@ -60,8 +60,8 @@ from .. import contract
 from ..data import PerturbationData
 from ..data.anndata import canonical_label
 from ._effects_shim import model_effects  # the model-effects API; lead: switch to `from .predictive import model_effects`
-from .comparison import compare_effects, comparison_frame, heldout_pools
-from .data_stats import data_ate, representable_labels, treatment_splits
+from .comparison import compare_effects, compare_units, comparison_frame, covariate_heldout_pools, heldout_pools
+from .data_stats import covariate_strings, data_ate, representable_labels, treatment_splits
 from .metrics import ate_metrics
 from .ppc import posterior_predictive_check
 from .predictive import DEFAULT_PARTICLES
@@ -149,9 +149,16 @@ def ate_results(
         "library": prediction.library,
         "prediction": prediction,
     }
-    out["comparison"], out["comparison_frames"] = compare_effects(
-        data, prediction, library_option="observed" if observed_depth else float(library)
-    )
+    library_option = "observed" if observed_depth else float(library)
+    if data.spec.covariate_keys:
+        # units are (covariate values, label) pairs, each predicted at its covariate values
+        out["comparison"], out["comparison_frames"] = compare_units(
+            data, _predictions_by_covariate(model, guide, data, ok, observed_depth, library, num_particles, seed,
+                                            device, memory_mb),
+            library_option=library_option,
+        )
+    else:
+        out["comparison"], out["comparison_frames"] = compare_effects(data, prediction, library_option=library_option)
     if truth is not None:
         truth = truth.loc[[lab for lab in truth.index if lab in model_df.index]]
         groups_t = {
@@ -174,6 +181,21 @@ def _is_observed(library) -> bool:
     if isinstance(library, bool) or not isinstance(library, (int, float, np.integer, np.floating)) or not library > 0:
         raise ValueError(f"ate_library must be 'observed' or a positive number, got {library!r}")
     return False
+
+
+def _predictions_by_covariate(model, guide, data: PerturbationData, labels: list[str], observed_depth: bool, library,
+                              num_particles: int, seed: int, device, memory_mb) -> dict:
+    """The model's effects at each covariate value with held-out cells: ``{covariate
+    values: EffectPrediction}``, drawn at the depth of that covariate value's held-out
+    cells (or the fixed library)."""
+    heldout = np.flatnonzero(data.split != "train")
+    covs = np.unique(covariate_strings(data, heldout).astype(str))
+    out = {}
+    for cov in covs:
+        depth = covariate_heldout_pools(data, cov, labels) if observed_depth else float(library)
+        out[str(cov)] = model_effects(model, guide, data.spec, labels, library=depth, num_particles=num_particles,
+                                      seed=seed, device=device, memory_mb=memory_mb, covariates=str(cov))
+    return out
 
 
 def _true_ate(data: PerturbationData, observed_depth: bool = False) -> pd.DataFrame | None:

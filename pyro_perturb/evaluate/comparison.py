@@ -28,10 +28,20 @@ import pandas as pd
 from ..data import PerturbationData
 from ..normalize import pseudobulk_lfc
 from .baselines import STATISTICS, baseline_effects, effects_from_means
-from .data_stats import cell_means
+from .data_stats import cell_means, covariate_strings
 from .metrics import ate_metrics, perturbation_metrics
 
-__all__ = ["GROUPS", "METRICS", "compare_effects", "comparison_frame", "comparison_table", "heldout_pools"]
+__all__ = [
+    "GROUPS",
+    "METRICS",
+    "compare_effects",
+    "compare_units",
+    "comparison_frame",
+    "comparison_table",
+    "covariate_baseline_effects",
+    "covariate_heldout_pools",
+    "heldout_pools",
+]
 
 #: groups of evaluated labels
 GROUPS = ("seen", "unseen", "all")
@@ -115,6 +125,37 @@ def _winner(entry: dict, predictors: list[str], n_de: int) -> dict:
     return out
 
 
+def _scored(block: dict, observed: dict, model: dict, baselines: dict, group_labels: dict, predictors: list[str],
+            n_de: int) -> tuple[dict, dict]:
+    """Fill ``block`` with every predictor's metrics per statistic and group of labels
+    (a predictor is scored on a group only where it is defined for all its labels; the
+    model on the labels it can represent); return ``(block, frames)``."""
+    for stat in STATISTICS:
+        frames = {"model": model[stat], **baselines[stat]}
+        per_group = {}
+        for group in GROUPS:
+            labs = group_labels[group]
+            entry: dict = {}
+            model_labs = _finite_rows(frames["model"], labs)
+            if model_labs and len(model_labs) < len(labs):
+                entry["n_unrepresentable"] = len(labs) - len(model_labs)
+                labs = model_labs
+            entry["n_labels"] = len(labs)
+            if labs:
+                obs = observed[stat].loc[labs].to_numpy()
+                for name in predictors:
+                    if len(_finite_rows(frames[name], labs)) == len(labs):
+                        entry[name] = _score(obs, frames[name].loc[labs].to_numpy(), n_de)
+                entry["winner"] = _winner(entry, predictors, n_de)
+            entry["labels"] = labs
+            per_group[group] = entry
+        block[stat] = per_group
+    out_frames = {"observed": observed, "model": model}
+    for name in predictors[1:]:
+        out_frames[name] = {stat: baselines[stat][name] for stat in STATISTICS}
+    return block, out_frames
+
+
 def compare_effects(data: PerturbationData, prediction, library_option="observed") -> tuple[dict, dict]:
     """Model and baselines against the observed effects of held-out cells.
 
@@ -168,30 +209,7 @@ def compare_effects(data: PerturbationData, prediction, library_option="observed
         "groups": list(GROUPS),
         "predictors": predictors,
     }
-    for stat in STATISTICS:
-        frames = {"model": model[stat], **baselines[stat]}
-        per_group = {}
-        for group in GROUPS:
-            labs = group_labels[group]
-            entry: dict = {}
-            model_labs = _finite_rows(frames["model"], labs)
-            if model_labs and len(model_labs) < len(labs):
-                entry["n_unrepresentable"] = len(labs) - len(model_labs)
-                labs = model_labs
-            entry["n_labels"] = len(labs)
-            if labs:
-                obs = observed[stat].loc[labs].to_numpy()
-                for name in predictors:
-                    if len(_finite_rows(frames[name], labs)) == len(labs):
-                        entry[name] = _score(obs, frames[name].loc[labs].to_numpy(), n_de)
-                entry["winner"] = _winner(entry, predictors, n_de)
-            entry["labels"] = labs
-            per_group[group] = entry
-        block[stat] = per_group
-    out_frames = {"observed": observed, "model": model}
-    for name in predictors[1:]:
-        out_frames[name] = {stat: baselines[stat][name] for stat in STATISTICS}
-    return block, out_frames
+    return _scored(block, observed, model, baselines, group_labels, predictors, n_de)
 
 
 def comparison_frame(block: dict) -> pd.DataFrame:
@@ -245,3 +263,157 @@ def comparison_table(block: dict, metrics: list[str] | None = None, groups: list
                 )
                 lines.append(f"  {metric:<{width}}{cells}")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ data with covariates
+#: joins a unit's covariate values and its label in unit names ("A172 / MAPK1")
+UNIT_SEP = " / "
+
+
+def covariate_units(data: PerturbationData, idx: np.ndarray) -> np.ndarray:
+    """Each cell's unit, ``"<covariate values> / <label>"`` (:data:`UNIT_SEP`)."""
+    return np.char.add(np.char.add(covariate_strings(data, idx).astype(str), UNIT_SEP), data.label_names(idx).astype(str))
+
+
+def _split_unit(unit: str) -> tuple[str, str]:
+    cov, label = unit.split(UNIT_SEP, 1)
+    return cov, label
+
+
+def covariate_heldout_pools(data: PerturbationData, cov: str, labels) -> dict[str, np.ndarray]:
+    """:func:`heldout_pools` restricted to the cells of one covariate value ``cov``
+    (falling back to all cells of a row's label, then to the control's pool)."""
+    names = data.label_names()
+    in_cov = covariate_strings(data).astype(str) == cov
+    heldout = data.split != "train"
+    control = data.spec.control
+    pools: dict[str, np.ndarray] = {}
+    for row in [control] + [lab for lab in labels if lab != control]:
+        for mask in (in_cov & heldout & (names == row), in_cov & (names == row), names == row):
+            if mask.any():
+                pools[row] = data.library[mask].astype(np.float64)
+                break
+    for row in [control] + list(labels):
+        if row not in pools:
+            pools[row] = pools[control]
+    return pools
+
+
+def _unit_effects(means_ln: pd.DataFrame, means_nm: pd.DataFrame, control: str) -> dict[str, pd.DataFrame]:
+    """Both effect statistics of every (cov, label) unit against its covariate's control unit."""
+    rows, ln_rows, lfc_rows = [], [], []
+    for unit in means_ln.index:
+        cov, label = _split_unit(unit)
+        base = f"{cov}{UNIT_SEP}{control}"
+        if label == control or base not in means_ln.index:
+            continue
+        rows.append(unit)
+        ln_rows.append(means_ln.loc[unit].to_numpy() - means_ln.loc[base].to_numpy())
+        lfc_rows.append(pseudobulk_lfc(means_nm.loc[unit].to_numpy(), means_nm.loc[base].to_numpy()))
+    index = pd.Index(rows, name="unit")
+    genes = means_ln.columns
+    G = len(genes)
+    return {
+        "lognorm_delta": pd.DataFrame(np.stack(ln_rows) if rows else np.zeros((0, G)), index=index, columns=genes),
+        "pseudobulk_lfc": pd.DataFrame(np.stack(lfc_rows) if rows else np.zeros((0, G)), index=index, columns=genes),
+    }
+
+
+def covariate_baseline_effects(data: PerturbationData, units: list[str]) -> dict[str, dict[str, pd.DataFrame]]:
+    """The baselines of :mod:`.baselines` per (covariate value, label) unit, from training
+    cells only, each against its own covariate value's training controls:
+    ``no_change``; ``mean_effect`` (mean training effect of the perturbations in that
+    covariate value); ``empirical`` (the unit's own training effect); ``additive`` (a
+    combination's singles summed, within the covariate value); and ``covariate_additive``
+    (the label's mean training effect in the *other* covariate values, the "cell line's
+    control + the perturbation's mean shift elsewhere" baseline)."""
+    spec = data.spec
+    control, genes = spec.control, list(spec.genes)
+    train = data.indices("train")
+    _, ln, nm = cell_means(data, train, keys=covariate_units(data, train))
+    trained = _unit_effects(ln, nm, control)
+    out: dict[str, dict[str, pd.DataFrame]] = {}
+    index = pd.Index(units, name="unit")
+    for stat in STATISTICS:
+        effects = trained[stat]
+        by_cov: dict[str, dict[str, np.ndarray]] = {}
+        for unit in effects.index:
+            cov, label = _split_unit(unit)
+            by_cov.setdefault(cov, {})[label] = effects.loc[unit].to_numpy()
+        frames = {name: pd.DataFrame(np.nan, index=index, columns=genes)
+                  for name in ("no_change", "mean_effect", "additive", "empirical", "covariate_additive")}
+        frames["no_change"].loc[:, :] = 0.0
+        for unit in units:
+            cov, label = _split_unit(unit)
+            own = by_cov.get(cov, {})
+            if own:
+                frames["mean_effect"].loc[unit] = np.mean(list(own.values()), axis=0)
+            if label in own:
+                frames["empirical"].loc[unit] = own[label]
+            parts = label.split(spec.separator)
+            if len(parts) > 1 and all(p in own for p in parts):
+                frames["additive"].loc[unit] = np.sum([own[p] for p in parts], axis=0)
+            others = [effects_c[label] for c, effects_c in by_cov.items() if c != cov and label in effects_c]
+            if others:
+                frames["covariate_additive"].loc[unit] = np.mean(others, axis=0)
+        out[stat] = frames
+    return out
+
+
+def compare_units(data: PerturbationData, predictions: dict, library_option="observed") -> tuple[dict, dict]:
+    """:func:`compare_effects` for data with covariates: the evaluated units are
+    (covariate values, label) pairs with held-out cells, each measured against the
+    held-out controls of the same covariate values; ``predictions`` maps each covariate
+    value string (:func:`~.data_stats.covariate_strings`) to the model's
+    ``EffectPrediction`` drawn at that covariate value. Groups: ``seen`` units have
+    training cells, ``unseen`` units have none (a held-out cell line x perturbation pair).
+    Same block layout as :func:`compare_effects` (labels are unit names)."""
+    spec = data.spec
+    control = spec.control
+    heldout = _heldout_cells(data)
+    n_cells, ln, nm = cell_means(data, heldout, keys=covariate_units(data, heldout))
+    control_units = [u for u in n_cells.index if _split_unit(u)[1] == control]
+    train = data.indices("train")
+    train_units = set(covariate_units(data, train).tolist())
+    n_train_controls = int(np.sum(data.label_names(train) == control))
+    if not control_units:
+        reason = (
+            f"no held-out control cells (label {control!r}) in any covariate value: the model-vs-baseline "
+            "comparison is skipped. Hold some controls out (from_anndata's heldout_control_fraction)"
+        )
+        warnings.warn(reason, UserWarning, stacklevel=3)
+        return {"skipped": reason, "control_cells": 0, "training_control_cells": n_train_controls}, {}
+    observed = _unit_effects(ln, nm, control)
+    units = list(observed["lognorm_delta"].index)
+    group_units = {
+        "seen": [u for u in units if u in train_units],
+        "unseen": [u for u in units if u not in train_units],
+        "all": units,
+    }
+    baselines = covariate_baseline_effects(data, units)
+    genes = list(spec.genes)
+    model = {stat: pd.DataFrame(np.nan, index=pd.Index(units, name="unit"), columns=genes) for stat in STATISTICS}
+    libraries = set()
+    for unit in units:
+        cov, label = _split_unit(unit)
+        prediction = predictions.get(cov)
+        if prediction is None:
+            continue
+        libraries.add(prediction.library)
+        frames = _model_frames(prediction, [label], control)
+        for stat in STATISTICS:
+            model[stat].loc[unit] = frames[stat].loc[label].to_numpy()
+    predictors = ["model"] + list(baselines[STATISTICS[0]])
+    n_de = min(N_DE, spec.n_genes)
+    block: dict = {
+        "units": "covariate values x label",
+        "library": "; ".join(sorted(libraries)) if libraries else "none",
+        "ate_library": library_option,
+        "control_cells": int(sum(n_cells[u] for u in control_units)),
+        "training_control_cells": n_train_controls,
+        "n_de": n_de,
+        "statistics": list(STATISTICS),
+        "groups": list(GROUPS),
+        "predictors": predictors,
+    }
+    return _scored(block, observed, model, baselines, group_units, predictors, n_de)
