@@ -118,7 +118,7 @@ def cmd_evaluate(args) -> int:
     results = run.evaluate(
         _data_for(run, args.data), num_particles=args.num_particles, out_dir=out.parent, seed=args.seed,
         ate_particles=args.ate_particles, ate_plots=not args.no_plots, ate_ppc=not args.no_plots,
-        ate_memory_mb=args.ate_memory_mb, ate_library=_ate_library(args.ate_library),
+        ate_memory_mb=args.ate_memory_mb, ate_library=_parse_library(args.ate_library, "--ate-library"),
     )
     write_metrics(results, out)
     summary = {s: results[s].get("iwelbo") for s in ("train", "val", "test") if s in results}
@@ -130,16 +130,16 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def _ate_library(text: str):
-    """``--ate-library``: ``observed`` or a positive number."""
-    if text == "observed":
-        return text
+def _parse_library(text: str, flag: str = "--library"):
+    """``--library`` / ``--ate-library``: ``observed`` or a positive number."""
+    if text.strip().lower() == "observed":
+        return "observed"
     try:
         value = float(text)
     except ValueError:
-        raise UsageError(f"--ate-library must be 'observed' or a number, got {text!r}") from None
-    if not value > 0:
-        raise UsageError(f"--ate-library must be positive, got {text!r}")
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise UsageError(f"{flag} expects 'observed' or a positive number, got {text!r}")
     return value
 
 
@@ -147,8 +147,23 @@ def cmd_predict(args) -> int:
     from .run import load_run
 
     run = load_run(args.run_dir, device=args.device)
-    adata = run.predict(args.data)
     out = Path(args.out)
+    if args.perturbations is not None:
+        labels = [lab.strip() for lab in args.perturbations.split(",") if lab.strip()]
+        if not labels:
+            raise UsageError("--perturbations expects comma-separated labels, e.g. 'A+B,C'")
+        if args.n_cells < 1:
+            raise UsageError(f"--n-cells must be >= 1, got {args.n_cells}")
+        adata = run.sample(labels, n_cells=args.n_cells, library=_parse_library(args.library), seed=args.seed,
+                           covariates=args.covariates, data=args.data, sparse=not args.dense)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        adata.write_h5ad(out)
+        print(f"wrote {out}: {adata.n_obs} predicted cells ({args.n_cells} per label, {len(adata.obs[run.spec.perturbation_key].cat.categories)} "
+              f"labels) x {adata.n_vars} genes, library {adata.uns['pyro_perturb']['library']}")
+        return 0
+    if args.data is None:
+        raise UsageError("predict needs --data FILE.h5ad (latents of its cells) or --perturbations LABELS (predicted cells)")
+    adata = run.predict(args.data)
     out.parent.mkdir(parents=True, exist_ok=True)
     adata.write_h5ad(out)
     print(f"wrote {out} with obsm keys {sorted(adata.obsm.keys())}")
@@ -251,10 +266,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("predict", help="posterior-mean latents into obsm of a copy of the data")
+    p = sub.add_parser(
+        "predict",
+        help="posterior-mean latents into obsm of a copy of the data, or, with --perturbations, "
+        "predicted cells (counts) of given perturbations as an .h5ad",
+    )
     p.add_argument("run_dir")
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", help=".h5ad whose cells get latents (without --perturbations); with --perturbations, "
+                   "only read for the training depths of a run saved before they were stored")
     p.add_argument("--out", required=True)
+    p.add_argument("--perturbations", metavar="LABELS",
+                   help="comma-separated labels, e.g. 'A+B,C': write N_CELLS predicted cells (counts) of each")
+    p.add_argument("--n-cells", type=int, default=100, help="predicted cells per label (default 100)")
+    p.add_argument("--library", default="observed", metavar="observed|NUMBER",
+                   help="library size of the predicted cells: 'observed' (default: drawn from the training cells "
+                   "of each label) or a number (e.g. 10000)")
+    p.add_argument("--covariates", metavar="VALUES",
+                   help="covariate values of the predicted cells, joined with '|' in the run's covariate order "
+                   "(default: the first category of each)")
+    p.add_argument("--dense", action="store_true", help="dense X (default: CSR)")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.set_defaults(func=cmd_predict)
 

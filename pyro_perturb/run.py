@@ -121,6 +121,9 @@ class Run:
         self.path = Path(path) if path is not None else None
         self.data_source = dict(data_source or {})
         self._data: PerturbationData | None = None
+        # the training cells' library sizes (evaluate.depth.library_distribution); None
+        # for runs saved before they were stored
+        self.library_sizes: dict | None = None
 
     # ------------------------------------------------------------------ data
     @property
@@ -207,18 +210,148 @@ class Run:
 
         return evaluate_run(self, self.encode(data), num_particles=num_particles, out_dir=out_dir, seed=seed, options=options)
 
-    def ate(self, labels, num_particles: int = 2500, seed: int = 0, memory_mb: float | None = None) -> pd.DataFrame:
-        """Model ATE of perturbation labels (``"A"``, ``"A+B"``...; labels x genes) by
-        posterior predictive (:func:`pyro_perturb.evaluate.predictive.model_ate`), on the run's
-        device. Combinations of known singles work for models that compose.
-        ``memory_mb``: working-memory budget (MB; default 1024); the largest treatment
-        batch that fits is used, and the result does not depend on it."""
+    # ------------------------------------------------------------------ predictions
+    def _canonical(self, labels) -> list[str]:
         from .data.anndata import canonical_label
-        from .evaluate.predictive import model_ate
 
-        labels = [canonical_label(lab, self.spec.control, self.spec.separator) for lab in ([labels] if isinstance(labels, str) else labels)]
-        return model_ate(self.model, self.guide, self.spec, labels, num_particles=num_particles, seed=seed,
-                         device=self.device, memory_mb=memory_mb)
+        labels = [labels] if isinstance(labels, str) else list(labels)
+        return [canonical_label(str(lab).strip(), self.spec.control, self.spec.separator) for lab in labels]
+
+    def library_pools(self, labels, covariates=None, data=None) -> dict[str, np.ndarray]:
+        """Observed library sizes per label (``{label: sizes}``), from the training cells'
+        distribution stored at fit time (:func:`pyro_perturb.evaluate.depth.library_pools`:
+        the label's training cells; for a label without any, those of ``covariates``,
+        else all training cells). A run saved before that distribution was stored reads it
+        from ``data`` (its training cells), or raises ValueError without it."""
+        from .evaluate.depth import library_distribution, library_pools
+        from .evaluate.groups import SEP, _cov_codes
+
+        distribution = self.library_sizes
+        if distribution is None:
+            if data is None:
+                raise ValueError(
+                    "this run was saved without its training cells' library sizes (a run from before they "
+                    "were stored): pass library=1e4 (--library 10000, the paper's fixed depth), or the data "
+                    "(data=..., --data FILE.h5ad) to read them from its training cells"
+                )
+            distribution = library_distribution(self.encode(data))
+        key = None
+        if covariates is not None:
+            codes = _cov_codes(self.spec, covariates)
+            key = SEP.join(cats[c] for cats, c in zip(self.spec.covariate_categories, codes))
+        return library_pools(distribution, self._canonical(labels), key)
+
+    def _library(self, library, labels: list[str], covariates, data):
+        if isinstance(library, str):
+            if library != "observed":
+                raise ValueError(f"library must be 'observed', a number or a mapping of label -> sizes, got {library!r}")
+            return self.library_pools(labels, covariates, data)
+        return library
+
+    def effects(
+        self,
+        labels,
+        num_particles: int = 2500,
+        seed: int = 0,
+        memory_mb: float | None = None,
+        library="observed",
+        estimator: str = "integrated",
+        covariates=None,
+        data=None,
+    ):
+        """Model effects of perturbation labels (:class:`~pyro_perturb.evaluate.predictive.EffectPrediction`:
+        ATE, mean log-normalised and normalised expression) by posterior predictive
+        (:func:`~pyro_perturb.evaluate.predictive.model_effects`), on the run's device.
+
+        ``library``: ``"observed"`` (default: each label's cells drawn at its training
+        cells' depths, see :meth:`library_pools`), a number (``1e4``: the paper's fixed
+        depth) or a mapping ``{label: sizes}`` (the control included). ``estimator``:
+        ``"integrated"`` (count noise integrated out) or ``"sampled"``. ``memory_mb``:
+        working-memory budget (MB; default 1024); the result does not depend on it.
+        ``covariates``: values of the drawn cells (default: the first of each key)."""
+        from .evaluate.predictive import model_effects
+
+        labels = self._canonical(labels)
+        library = self._library(library, [self.spec.control, *labels], covariates, data)
+        return model_effects(self.model, self.guide, self.spec, labels, library=library, num_particles=num_particles,
+                             seed=seed, estimator=estimator, device=self.device, memory_mb=memory_mb, covariates=covariates)
+
+    def ate(
+        self,
+        labels,
+        num_particles: int = 2500,
+        seed: int = 0,
+        memory_mb: float | None = None,
+        library="observed",
+        estimator: str = "integrated",
+        covariates=None,
+        data=None,
+    ) -> pd.DataFrame:
+        """Model ATE of perturbation labels (``"A"``, ``"A+B"``...; labels x genes): the
+        ``ate`` of :meth:`effects` (same arguments). Combinations of known singles work
+        for models that compose. ``library=1e4`` gives the paper's statistic."""
+        return self.effects(labels, num_particles, seed, memory_mb, library, estimator, covariates, data).ate
+
+    def sample(
+        self,
+        labels,
+        n_cells: int = 100,
+        library="observed",
+        seed: int = 0,
+        covariates=None,
+        data=None,
+        sparse: bool = True,
+        memory_mb: float | None = None,
+    ):
+        """Counterfactual cells: ``n_cells`` posterior predictive cells (counts) per label,
+        as an AnnData ready for scanpy, pertpy or cell-eval.
+
+        Each cell has its own draw of the global latents, of the basal state from the
+        prior, of its library and of its counts
+        (:func:`~pyro_perturb.evaluate.predictive.sample_cells`): a label's cells do not
+        depend on the other labels asked.
+
+        Returns:
+            AnnData (labels x ``n_cells`` cells, genes): ``X`` the counts (float32 integers;
+            CSR when ``sparse``), ``obs[spec.perturbation_key]`` the label, one column per
+            covariate key (``covariates``, default the first category of each), and
+            ``obs["library_size"]`` the library each cell was drawn at (its expected total);
+            ``var_names`` the genes; ``uns["pyro_perturb"]`` the model, run directory, seed,
+            library and cells per label.
+        """
+        import anndata
+        import scipy.sparse as sp
+
+        from .evaluate.groups import _cov_codes
+        from .evaluate.predictive import describe_library, sample_cells
+
+        labels = list(dict.fromkeys(self._canonical(labels)))
+        if not labels:
+            raise ValueError("no perturbation labels to sample")
+        library = self._library(library, labels, covariates, data)
+        cells = sample_cells(self.model, self.guide, self.spec, labels, n_cells, library=library, seed=seed,
+                             device=self.device, memory_mb=memory_mb, covariates=covariates)
+        counts = np.concatenate([cells[lab][0] for lab in labels])
+        obs = pd.DataFrame(
+            {self.spec.perturbation_key: pd.Categorical(np.repeat(labels, n_cells), categories=labels)},
+            index=[f"{lab}_{i}" for lab in labels for i in range(n_cells)],
+        )
+        codes = _cov_codes(self.spec, covariates) if covariates is not None else (0,) * len(self.spec.covariate_keys)
+        for key, cats, code in zip(self.spec.covariate_keys, self.spec.covariate_categories, codes):
+            obs[key] = pd.Categorical([cats[code]] * len(obs), categories=cats)
+        obs["library_size"] = np.concatenate([cells[lab][1] for lab in labels])
+        adata = anndata.AnnData(sp.csr_matrix(counts) if sparse else counts, obs=obs,
+                                var=pd.DataFrame(index=pd.Index(self.spec.genes)))
+        adata.uns["pyro_perturb"] = {
+            "model": self.name,
+            "run": str(self.path) if self.path is not None else "",
+            "seed": int(seed),
+            "library": describe_library(library),
+            "n_cells_per_label": int(n_cells),
+            "version": __version__,
+            "counts": "posterior predictive draws of counts (one draw of the global latents per cell)",
+        }
+        return adata
 
     # ------------------------------------------------------------------ persistence
     def config(self) -> dict:
@@ -230,6 +363,7 @@ class Run:
             "spec": self.spec.to_dict(),
             "data": self.data_options,
             "data_source": self.data_source,
+            **({"library_sizes": self.library_sizes} if self.library_sizes is not None else {}),
         }
 
     def save(self, path: str | os.PathLike | None = None) -> Path:
@@ -291,7 +425,9 @@ def load_run(path: str | os.PathLike, device: str = "cpu") -> Run:
     if (path / "history.csv").exists():
         history = pd.read_csv(path / "history.csv").to_dict("records")
     data_options, data_source = _data_config(cfg)
-    return Run(cfg["model"], model, guide, spec, hparams, train_cfg, data_options, history, path, data_source)
+    run = Run(cfg["model"], model, guide, spec, hparams, train_cfg, data_options, history, path, data_source)
+    run.library_sizes = cfg.get("library_sizes")
+    return run
 
 
 def split_settings(model: str, settings: dict[str, Any]) -> tuple[dict, dict]:
@@ -412,6 +548,9 @@ def fit(
     run = Run(model, model_obj, guide_obj, pdata.spec, full_hparams, train_cfg, data_options, path=out,
               data_source=data_source)
     run.data = pdata
+    from .evaluate.depth import library_distribution  # evaluate's modules load on first use
+
+    run.library_sizes = library_distribution(pdata)  # predictions at the data's depth need no data
     ctx = distributed.init_from_env(train_cfg.device)  # single process unless torchrun set WORLD_SIZE
     if out is not None:
         if not resume and (out / "checkpoint.pt").exists():

@@ -183,26 +183,27 @@ from pyro_perturb.evaluate.ate_memory import (  # noqa: E402
 from pyro_perturb.evaluate.streams import RowStream, row_seed  # noqa: E402
 
 
-def test_ate_is_bit_identical_whatever_the_batching(combo_data):
+@pytest.mark.parametrize("estimator", ["integrated", "sampled"])
+def test_ate_is_bit_identical_whatever_the_batching(combo_data, estimator):
     """Each label draws from its own (seed, particle block, label) stream and the globals
     from (seed, block): treatment batch, memory budget, threads and the other labels asked
-    change nothing."""
+    change nothing, with either estimator."""
     model, guide = _pair("sams_vae", combo_data)
     spec = combo_data.spec
     labs = ["p000", "p001+p002", "p003", "control"]
-    ref = model_ate(model, guide, spec, labs, num_particles=150, seed=5, particle_batch=40)
-    one = model_ate(model, guide, spec, labs, num_particles=150, seed=5, particle_batch=40, treatment_batch=1, num_threads=1)
+    ref = model_ate(model, guide, spec, labs, num_particles=150, seed=5, particle_batch=40, estimator=estimator)
+    one = model_ate(model, guide, spec, labs, num_particles=150, seed=5, particle_batch=40, treatment_batch=1, num_threads=1, estimator=estimator)
     sizes = dict(hidden=widest_layer(model, exclude=spec.n_genes), guide_hidden=guide_hidden_width(guide))
     budget = ate_working_memory(2, 40, spec.n_genes, 6, spec.n_perturbations, 2, **sizes) / 2**20
     assert ate_batch_for_memory(budget, 4, 40, spec.n_genes, 6, spec.n_perturbations, 2, **sizes) == (2, 40)
-    small = model_ate(model, guide, spec, labs, num_particles=150, seed=5, particle_batch=40, memory_mb=budget, num_threads=2)
-    subset = model_ate(model, guide, spec, ["p003", "p000"], num_particles=150, seed=5, particle_batch=40)
+    small = model_ate(model, guide, spec, labs, num_particles=150, seed=5, particle_batch=40, memory_mb=budget, num_threads=2, estimator=estimator)
+    subset = model_ate(model, guide, spec, ["p003", "p000"], num_particles=150, seed=5, particle_batch=40, estimator=estimator)
     pd.testing.assert_frame_equal(ref, one)
     pd.testing.assert_frame_equal(ref, small)
     pd.testing.assert_frame_equal(ref.loc[["p003", "p000"]], subset)
     assert (ref.loc["control"] == 0).all()  # the control against its own draws
     assert np.abs(ref.loc["p000"]).mean() > 0
-    other_seed = model_ate(model, guide, spec, ["p000"], num_particles=150, seed=6, particle_batch=40)
+    other_seed = model_ate(model, guide, spec, ["p000"], num_particles=150, seed=6, particle_batch=40, estimator=estimator)
     assert not np.array_equal(other_seed.to_numpy(), ref.loc[["p000"]].to_numpy())
 
 

@@ -71,3 +71,26 @@ def test_import_does_no_work(script, capsys, monkeypatch):
                 del sys.modules[name]
     assert callable(namespace.get("main")), "no main()"
     assert capsys.readouterr().out == ""
+
+
+def test_gpu_check_dry_run_on_cpu(tmp_path, monkeypatch):
+    """bench/gpu_check.sh is correct by construction: its shell syntax parses, and its
+    Python part runs every step on the CPU at tiny sizes and writes its figures."""
+    import json
+
+    assert subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu_check.sh")]).returncode == 0
+    monkeypatch.setattr(sys, "path", [str(ROOT / "bench"), *sys.path])
+    namespace = runpy.run_path(str(ROOT / "bench" / "gpu_check.py"), run_name="gpu_check_dry_run")
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        namespace["main"](namespace["parse_args"](["--device", "cpu", "--tiny", "--threads", "1", "--out", str(tmp_path)]))
+    finally:
+        torch.set_num_threads(threads)
+    results = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert {r["model"] for r in results["throughput"]} == {"sams_vae", "cpa_vae", "cvae"}
+    assert all(r["cells_per_s"] > 0 for r in results["throughput"])
+    assert set(results["ate"]["estimators"]) == {"integrated", "sampled"} and results["ate"]["treatment_batch_for_budget"] >= 1
+    assert results["compare"]["pass"] and len(results["compare"]["cases"]) == 4
+    assert "## Model ATE" in (tmp_path / "gpu_check").with_suffix(".md").read_text()

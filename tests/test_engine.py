@@ -13,7 +13,7 @@ from pyro_perturb.infer import TrainConfig, TrainingDivergedError, iwelbo
 from pyro_perturb.infer.checkpoint import load_checkpoint, safe_load
 from pyro_perturb.registry import build
 
-from .devices import assert_device_clean, run_device_clean
+from .devices import TEST_DEVICE, assert_device_clean, run_device_clean
 
 SMALL = dict(n_latent=4, n_hidden=32, batch_size=64, progress=False)
 
@@ -181,7 +181,7 @@ def test_cvae_and_evaluation_are_device_clean(tiny_data):
     model, guide, _ = build("cvae", tiny_data.spec, {"n_latent": 4, "n_hidden": 8})
     batch = tiny_data.batch(tiny_data.indices("train")[:16], n_cells=100)
     assert_device_clean(model, guide, batch)
-    values = run_device_clean(iwelbo, model, guide, tiny_data, "test", 4)
+    values = run_device_clean(iwelbo, model, guide, tiny_data, "test", 4, device=TEST_DEVICE)
     assert np.isfinite(values).all()
 
 

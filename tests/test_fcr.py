@@ -22,7 +22,7 @@ from pyro_perturb.evaluate.metrics import linear_r2
 from pyro_perturb.models.fcr import product_of_experts, within_group_permutation
 from pyro_perturb.registry import build, get_entry
 
-from .devices import assert_device_clean, run_device_clean
+from .devices import TEST_DEVICE, assert_device_clean, run_device_clean, to_test_device
 
 
 @pytest.fixture(scope="module")
@@ -145,12 +145,12 @@ def test_control_partners_same_covariate(fact_data):
 
 def test_device_clean(fact_data):
     model, guide = _pair(fact_data)
-    batch = _batch(fact_data, 32)
+    batch = to_test_device(_batch(fact_data, 32))
     assert_device_clean(model, guide, batch)
     run_device_clean(lambda: model.auxiliary_loss(guide, batch).backward())
     run_device_clean(lambda: model.adversary_loss(guide, batch).backward())
     out = run_device_clean(predict_lognorm, model, guide, batch)
-    assert out.shape == (32, fact_data.spec.n_genes) and out.device.type == "cpu"
+    assert out.shape == (32, fact_data.spec.n_genes) and out.device.type == TEST_DEVICE.type
 
 
 def test_gaussian_likelihood_option(fact_data):

@@ -2,7 +2,8 @@
 required parts and optional capabilities of their declared shapes, one default per shared
 hyperparameter, checked hyperparameter values; it trains on its built-in kind of data, is
 device clean, round-trips through a run directory, predicts latents and is evaluated by
-held-out IWELBO."""
+held-out IWELBO (on ``PYRO_PERTURB_TEST_DEVICE``, default cpu: see
+tests/devices.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pyro_perturb import contract
 from pyro_perturb.cli import main
 from pyro_perturb.registry import ModelEntry, build, list_models, register
 
-from .devices import assert_device_clean
+from .devices import TEST_DEVICE, assert_device_clean
 
 SMALL_SIMS = {
     "combinatorial": dict(n_singles=4, n_doubles=2, cells_per_perturbation=25, n_control_cells=50, n_genes=30, n_ate_draws=20),
@@ -53,9 +54,10 @@ def test_contract(name, datasets, tmp_path):
     batch = data.batch(data.indices("train")[:12], n_cells=len(data.indices("train")))
     assert_device_clean(model, guide, batch)
 
-    run = pp.fit(data, model=name, out=tmp_path / "run", max_epochs=2, batch_size=64, progress=False, **_hparams(entry))
+    run = pp.fit(data, model=name, out=tmp_path / "run", max_epochs=2, batch_size=64, progress=False,
+                 device=TEST_DEVICE.type, **_hparams(entry))
     assert all(np.isfinite(r["train_loss"]) for r in run.history)
-    loaded = pp.load_run(tmp_path / "run")
+    loaded = pp.load_run(tmp_path / "run", device=TEST_DEVICE.type)
     for key, value in run.model.state_dict().items():
         assert torch.equal(value, loaded.model.state_dict()[key]), key
     latents = loaded.latents(data)

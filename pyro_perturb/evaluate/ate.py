@@ -59,7 +59,7 @@ import pandas as pd
 from .. import contract
 from ..data import PerturbationData
 from ..data.anndata import canonical_label
-from ._effects_shim import model_effects  # the model-effects API; lead: switch to `from .predictive import model_effects`
+from .predictive import model_effects
 from .comparison import compare_effects, compare_units, comparison_frame, covariate_heldout_pools, heldout_pools
 from .data_stats import covariate_strings, data_ate, representable_labels, treatment_splits
 from .metrics import ate_metrics

@@ -25,7 +25,7 @@ from pyro.infer.predictive import _predictive_vectorize_plate_name as _PARTICLE_
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import _PYRO_STACK
 
-__all__ = ["RowStream", "RowStreams", "row_seed", "seed_int"]
+__all__ = ["RowStream", "RowStreams", "particle_plate", "row_seed", "seed_int"]
 
 
 def row_seed(seed: int, block: int, label: str) -> np.random.SeedSequence:
@@ -95,13 +95,6 @@ class RowStreams(Messenger):
         self.streams = streams
         self.pool = pool
 
-    @staticmethod
-    def _particle_plate():
-        for frame in _PYRO_STACK:
-            if getattr(frame, "name", None) == _PARTICLE_PLATE and hasattr(frame, "dim"):
-                return frame
-        return None
-
     def _pyro_sample(self, msg) -> None:
         if msg["is_observed"] or msg["value"] is not None:
             return
@@ -111,7 +104,7 @@ class RowStreams(Messenger):
         family = _family(fn)
         if family is None:
             return
-        plate = self._particle_plate()
+        plate = particle_plate()
         if plate is None:  # a shape probe: the values are thrown away
             msg["value"] = family[1][0].new_zeros(fn.batch_shape + fn.event_shape)
             return
@@ -134,6 +127,15 @@ class RowStreams(Messenger):
         else:
             list(self.pool.map(draw, range(len(self.streams))))
         msg["value"] = out
+
+
+def particle_plate():
+    """``Predictive``'s particle plate if it is on the messenger stack (None during the
+    shape probes ``Predictive`` runs first, without it)."""
+    for frame in _PYRO_STACK:
+        if getattr(frame, "name", None) == _PARTICLE_PLATE and hasattr(frame, "dim"):
+            return frame
+    return None
 
 
 def _family(fn) -> tuple[str, tuple[torch.Tensor, ...]] | None:
