@@ -59,12 +59,11 @@ import pandas as pd
 from .. import contract
 from ..data import PerturbationData
 from ..data.anndata import canonical_label
-from .predictive import model_effects
 from .comparison import compare_effects, compare_units, comparison_frame, covariate_heldout_pools, heldout_pools
 from .data_stats import covariate_strings, data_ate, representable_labels, treatment_splits
 from .metrics import ate_metrics
 from .ppc import posterior_predictive_check
-from .predictive import DEFAULT_PARTICLES
+from .predictive import DEFAULT_PARTICLES, model_effects
 
 __all__ = ["ATE_SPLITS", "ate_results", "ate_evaluator"]
 
