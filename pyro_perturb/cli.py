@@ -119,6 +119,7 @@ def cmd_evaluate(args) -> int:
         _data_for(run, args.data), num_particles=args.num_particles, out_dir=out.parent, seed=args.seed,
         ate_particles=args.ate_particles, ate_plots=not args.no_plots, ate_ppc=not args.no_plots,
         ate_memory_mb=args.ate_memory_mb, ate_library=_parse_library(args.ate_library, "--ate-library"),
+        ate_basal=args.ate_basal,
     )
     write_metrics(results, out)
     summary = {s: results[s].get("iwelbo") for s in ("train", "val", "test") if s in results}
@@ -261,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ate-library", default="observed",
                    help="library size of the model's drawn cells: 'observed' (each row at the depths of the held-out "
                    "cells it is compared with; default) or a number, e.g. 1e4 (the SAMS-VAE paper's)")
+    p.add_argument("--ate-basal", choices=["controls", "prior"], default="controls",
+                   help="basal states of the model's drawn cells: 'controls' (posterior draws of training control "
+                   "cells, decoded under each dosage; default, for models with basal sites) or 'prior' (the paper's)")
     p.add_argument("--no-plots", action="store_true", help="skip the PPC export and PNG plots")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

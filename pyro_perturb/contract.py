@@ -72,6 +72,11 @@ does not define the member.
     The guide's posterior for a model's regularisers (FCR), reusing this step's pass.
 :func:`treatment_network_width` (guide ``treatment_network() -> nn.Module``; default 0)
     Width of the guide network run once per treatment and particle (the ATE memory model).
+:func:`basal_sites` (model ``basal_sites: tuple[str, ...]``; default ``()``)
+    The local sites that hold a cell's unperturbed state: their prior depends on neither
+    the dosage nor the label (SAMS-VAE's ``z_basal``, the conditional VAE's ``z``), so a
+    control cell's posterior draw of them, decoded under another dosage, is that cell's
+    counterfactual (the model effects' ``basal="controls"``).
 :func:`transfer_parameters` (model and guide ``transfer_parameters(label_codes, reset=True) -> [(parameter, rows)]``; default [])
     What an out-of-distribution transfer fits for held-out labels.
 
@@ -252,6 +257,12 @@ def cached_posterior(guide: ZooGuide, batch: Batch, differentiable: bool = True)
     if fn is not None:
         return fn(batch, differentiable=differentiable)
     return guide.posterior(batch)
+
+
+def basal_sites(model: ZooModel) -> tuple[str, ...]:
+    """The model's dosage-independent local sites (see the module docstring); ``()`` when
+    it declares none (its local latents then always come from the prior)."""
+    return tuple(_member(model, "basal_sites") or ())
 
 
 def treatment_network_width(guide: ZooGuide) -> int:

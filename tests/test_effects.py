@@ -247,3 +247,48 @@ def test_run_sample_cells(fitted):
     assert not np.array_equal(run.sample(["p002"], n_cells=25, seed=4).X.toarray(), x[:25])
     with pytest.raises(ValueError, match="vocabulary"):
         run.sample(["p_unknown"], n_cells=2)
+
+
+def _control_cells(data):
+    train = data.indices("train")
+    return predictive.ControlCells(data, train[data.label_names(train) == data.spec.control])
+
+
+@pytest.mark.parametrize("name", ["sams_vae", "cvae"])
+def test_basal_from_control_cells_bit_identical_and_the_guides_draws(name, zoo_data):
+    """``basal=ControlCells``: a label's values depend only on (seed, label), and each
+    particle's basal state is the guide's posterior draw for one control cell: decoding it
+    under the control dosage reproduces that cell's posterior predictive."""
+    data = zoo_data["combinatorial"]
+    model, guide, _, _ = _pair(name, data, {"n_latent": 4, "n_hidden": 16})
+    spec = data.spec
+    cells = _control_cells(data)
+    labs = ["p000", "p001+p002", "p003"]
+    kw = dict(library=_pools([spec.control, *labs]), num_particles=60, seed=3, particle_batch=25, basal=cells)
+    ref = model_effects(model, guide, spec, labs, **kw)
+    one = model_effects(model, guide, spec, labs, treatment_batch=1, num_threads=1, **kw)
+    pd.testing.assert_frame_equal(ref.ate, one.ate)
+    pd.testing.assert_frame_equal(ref.ate.loc[["p003"]], model_effects(model, guide, spec, ["p003"], **kw).ate)
+    assert ref.basal == f"control cells ({len(cells.indices)})"
+    prior = model_effects(model, guide, spec, labs, **{**kw, "basal": "prior"})
+    assert prior.basal == "prior" and not np.allclose(prior.ate.to_numpy(), ref.ate.to_numpy())
+    # one control cell: every particle's basal value is a guide draw for that cell
+    one_cell = predictive.ControlCells(data, cells.indices[:1])
+    values = predictive._basal_values(guide, model, one_cell, np.random.SeedSequence(0), 5, torch.device("cpu"))
+    (site,) = pp.contract.basal_sites(model)
+    assert values[site].shape == (5, 4)
+    batch = data.batch(np.repeat(cells.indices[:1], 5))
+    pyro.set_rng_seed(0)
+    loc = guide.posterior_latents(data.batch(cells.indices[:1]))["X_basal" if name == "sams_vae" else "X_latent"]
+    # draws scatter around the cell's posterior mean (not the prior's 0)
+    assert torch.allclose(values[site].mean(0), loc[0], atol=1.5)
+    assert batch.x.shape[0] == 5
+
+
+def test_basal_controls_refused_for_models_without_basal_sites(zoo_data):
+    data = zoo_data["sparse_shift"]
+    model, guide, _, labels = _pair("svae_plus", data, {"n_latent": 4, "n_hidden": 16})
+    with pytest.raises(ValueError, match="basal sites"):
+        model_effects(model, guide, data.spec, labels, num_particles=4, basal=_control_cells(data))
+    with pytest.raises(ValueError, match="basal must be"):
+        model_effects(model, guide, data.spec, labels, num_particles=4, basal="controls")

@@ -63,10 +63,12 @@ from .comparison import compare_effects, compare_units, comparison_frame, covari
 from .data_stats import covariate_strings, data_ate, representable_labels, treatment_splits
 from .metrics import ate_metrics
 from .ppc import posterior_predictive_check
-from .predictive import DEFAULT_PARTICLES, model_effects
+from .predictive import DEFAULT_PARTICLES, ControlCells, model_effects
 
 __all__ = ["ATE_SPLITS", "ate_results", "ate_evaluator"]
 
+#: where the model's basal states come from in an evaluation (see :func:`basal_cells`)
+BASAL_OPTIONS = ("controls", "prior")
 ATE_SPLITS = ("all", "train", "test")
 
 
@@ -90,6 +92,7 @@ def ate_results(
     data_cells="heldout",
     memory_mb: float | None = None,
     library="observed",
+    basal: str = "controls",
 ) -> dict:
     """Data ATE, model ATE and metrics per treatment split, and the model beside the
     baselines (:func:`~.comparison.compare_effects`).
@@ -98,6 +101,11 @@ def ate_results(
         library: depth of the model's drawn cells: ``"observed"`` (default: per row, the
             library sizes of the held-out cells it is compared with,
             :func:`~.comparison.heldout_pools`) or a number (``1e4``: the paper's).
+        basal: ``"controls"`` (default): each particle's basal state is a *training*
+            control cell's posterior draw (of the same covariate values), decoded under
+            each dosage (:class:`~.predictive.ControlCells`), for models that declare
+            basal sites; ``"prior"`` (the paper's, and every other model's): from the
+            model's prior.
 
     Returns:
         dict with ``data`` and ``model`` (DataFrames; the model's has NaN rows for labels
@@ -125,7 +133,7 @@ def ate_results(
     ok, notes = representable_labels(model, data, labels)
     depth = heldout_pools(data, ok) if observed_depth else float(library)
     prediction = model_effects(model, guide, data.spec, ok, library=depth, num_particles=num_particles, seed=seed,
-                               device=device, memory_mb=memory_mb)
+                               device=device, memory_mb=memory_mb, basal=basal_cells(model, data, basal))
     model_df = prediction.ate.reindex(labels)
     splits = treatment_splits(data)
     groups = {
@@ -153,7 +161,7 @@ def ate_results(
         # units are (covariate values, label) pairs, each predicted at its covariate values
         out["comparison"], out["comparison_frames"] = compare_units(
             data, _predictions_by_covariate(model, guide, data, ok, observed_depth, library, num_particles, seed,
-                                            device, memory_mb),
+                                            device, memory_mb, basal),
             library_option=library_option,
         )
     else:
@@ -182,8 +190,24 @@ def _is_observed(library) -> bool:
     return False
 
 
+def basal_cells(model, data: PerturbationData, basal: str, covariates: str | None = None):
+    """The ``basal`` argument of :func:`~.predictive.model_effects` for an evaluation:
+    ``"prior"``, or the training control cells (of the covariate values ``covariates``)
+    as :class:`~.predictive.ControlCells` when ``basal == "controls"`` and the model
+    declares basal sites (else ``"prior"``)."""
+    if basal not in BASAL_OPTIONS:
+        raise ValueError(f"ate_basal must be one of {BASAL_OPTIONS}, got {basal!r}")
+    if basal == "prior" or not contract.basal_sites(model):
+        return "prior"
+    train = data.indices("train")
+    cells = train[data.label_names(train) == data.spec.control]
+    if covariates is not None and len(cells):
+        cells = cells[covariate_strings(data, cells).astype(str) == covariates]
+    return ControlCells(data, cells) if len(cells) else "prior"
+
+
 def _predictions_by_covariate(model, guide, data: PerturbationData, labels: list[str], observed_depth: bool, library,
-                              num_particles: int, seed: int, device, memory_mb) -> dict:
+                              num_particles: int, seed: int, device, memory_mb, basal: str = "controls") -> dict:
     """The model's effects at each covariate value with held-out cells: ``{covariate
     values: EffectPrediction}``, drawn at the depth of that covariate value's held-out
     cells (or the fixed library)."""
@@ -193,7 +217,8 @@ def _predictions_by_covariate(model, guide, data: PerturbationData, labels: list
     for cov in covs:
         depth = covariate_heldout_pools(data, cov, labels) if observed_depth else float(library)
         out[str(cov)] = model_effects(model, guide, data.spec, labels, library=depth, num_particles=num_particles,
-                                      seed=seed, device=device, memory_mb=memory_mb, covariates=str(cov))
+                                      seed=seed, device=device, memory_mb=memory_mb, covariates=str(cov),
+                                      basal=basal_cells(model, data, basal, str(cov)))
     return out
 
 
@@ -226,7 +251,8 @@ def ate_evaluator(
     (``evaluate_run(options=...)``): ``ate_particles`` (default 2500), ``ate_library``
     (``"observed"``, default, or a number such as ``1e4``), ``ate_ppc`` (default True),
     ``ate_plots`` (default True), ``ppc_draws`` (default 30), ``ate_data_cells`` (default
-    ``"heldout"``), ``ate_memory_mb`` (working-memory budget of the model ATE, default 1024).
+    ``"heldout"``), ``ate_memory_mb`` (working-memory budget of the model ATE, default 1024),
+    ``ate_basal`` (``"controls"``, default, or ``"prior"``: see :func:`ate_results`).
     """
     if data.spec.n_perturbations == 0:
         return
@@ -234,16 +260,18 @@ def ate_evaluator(
     num_particles = int(opts.get("ate_particles", DEFAULT_PARTICLES))
     memory_mb = opts.get("ate_memory_mb")
     library = opts.get("ate_library", "observed")
+    basal = str(opts.get("ate_basal", "controls"))
     if library is None:
         library = "observed"
     res = ate_results(
         run.model, run.guide, data, num_particles=num_particles, seed=seed, device=run.device,
         data_cells=opts.get("ate_data_cells", "heldout"), memory_mb=None if memory_mb is None else float(memory_mb),
-        library=library,
+        library=library, basal=basal,
     )
     block = {s: res["metrics"][s] for s in ATE_SPLITS}
     block["num_particles"] = num_particles
     block["library"] = res["library"]
+    block["basal"] = res["prediction"].basal
     block["ate_library"] = library if isinstance(library, str) else float(library)
     if memory_mb is not None:
         block["memory_mb"] = float(memory_mb)

@@ -201,6 +201,7 @@ def compare_effects(data: PerturbationData, prediction, library_option="observed
     n_de = min(N_DE, spec.n_genes)
     block: dict = {
         "library": prediction.library,
+        "basal": prediction.basal,
         "ate_library": library_option,
         "control_cells": int(n_cells[control]),
         "training_control_cells": n_train_controls,
@@ -240,7 +241,8 @@ def comparison_table(block: dict, metrics: list[str] | None = None, groups: list
     predictors = block["predictors"]
     lines = [
         f"model vs baselines: held-out cells of each label against {block['control_cells']} held-out control "
-        f"cells; baselines from training cells; model drawn at {block['library']}"
+        f"cells; baselines from training cells; model drawn at {block['library']}, basal states from "
+        f"{block.get('basal', 'prior')}"
     ]
     width = max(len(m) for m in metrics) + 2
     for stat in block["statistics"]:
@@ -408,6 +410,7 @@ def compare_units(data: PerturbationData, predictions: dict, library_option="obs
     block: dict = {
         "units": "covariate values x label",
         "library": "; ".join(sorted(libraries)) if libraries else "none",
+        "basal": "; ".join(sorted({p.basal for p in predictions.values()})) if predictions else "prior",
         "ate_library": library_option,
         "control_cells": int(sum(n_cells[u] for u in control_units)),
         "training_control_cells": n_train_controls,

@@ -36,6 +36,7 @@ to a working-memory budget (:func:`~pyro_perturb.evaluate.ate_memory.ate_batch_f
 from __future__ import annotations
 
 import math
+import contextlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Callable, Mapping
@@ -61,6 +62,7 @@ __all__ = [
     "DEFAULT_PARTICLES",
     "DEFAULT_PARTICLE_BATCH",
     "ESTIMATORS",
+    "ControlCells",
     "CountSite",
     "EffectPrediction",
     "describe_library",
@@ -100,6 +102,7 @@ class EffectPrediction:
         library: ``"fixed 10000"`` or ``"observed (pools: ...)"``: the depth of the drawn cells.
         estimator: ``"integrated"`` or ``"sampled"``.
         num_particles: posterior predictive particles.
+        basal: ``"prior"`` or ``"control cells (n)"``: where the basal states came from.
     """
 
     ate: pd.DataFrame
@@ -108,21 +111,99 @@ class EffectPrediction:
     library: str
     estimator: str
     num_particles: int
+    basal: str = "prior"
 
 
 class _DosageSite:
     """The model with its dosage as a sample site ``"d"`` that ``poutine.do`` can set;
     its local sites are drawn by ``streams`` and its count site captured by ``counts``."""
 
-    def __init__(self, model, streams: RowStreams, counts: "CountSite") -> None:
+    def __init__(self, model, streams: RowStreams, counts: "CountSite", basal: "_BasalDraws | None" = None) -> None:
         self.model = model
         self.streams = streams
         self.counts = counts
+        self.basal = basal
 
     def __call__(self, batch: Batch):
         d = pyro.sample("d", dist.Delta(batch.d, event_dim=2))
-        with self.streams, self.counts:
+        # the basal messenger is entered last, so it sets its sites before the streams draw
+        with self.streams, self.counts, (self.basal if self.basal is not None else contextlib.nullcontext()):
             return self.model(replace(batch, d=d), observe=False)
+
+
+@dataclass(frozen=True)
+class ControlCells:
+    """Observed control cells whose posterior basal states replace the prior's
+    (``model_effects(..., basal=ControlCells(data, indices))``): "abduction".
+
+    Each particle takes one of these cells (drawn with replacement, seeded per particle
+    block), draws the model's dosage-independent local sites
+    (:func:`pyro_perturb.contract.basal_sites`: SAMS-VAE's ``z_basal``, the conditional
+    VAE's ``z``) from the guide given the cell's counts, and decodes them under every
+    requested dosage: the same cell's counterfactual under each treatment and under the
+    control. The population of basal states is then the data's (the training controls'),
+    not the prior's, which a trained VAE matches only approximately.
+
+    Attributes:
+        data: the encoded data (:class:`~pyro_perturb.data.PerturbationData`).
+        indices: control cells to draw from (use training cells only when the result is
+            compared with held-out cells).
+    """
+
+    data: object
+    indices: np.ndarray
+
+    def __post_init__(self) -> None:
+        if len(self.indices) == 0:
+            raise ValueError("ControlCells needs at least one cell")
+
+
+class _BasalDraws(Messenger):
+    """Sets the model's basal sites to ``values[site]`` (``(particles, L)``), the same for
+    every request row, under ``Predictive``'s particle plate; leaves the shape probes alone."""
+
+    def __init__(self, values: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.values = values
+
+    def _pyro_sample(self, msg) -> None:
+        if msg["name"] not in self.values or msg["is_observed"] or msg["value"] is not None:
+            return
+        plate = particle_plate()
+        if plate is None:
+            return
+        fn = msg["fn"]
+        value = self.values[msg["name"]]  # (particles, L)
+        # the particle plate is outside the model: broadcast the site to it (particles, rows)
+        batch_shape = torch.broadcast_shapes(fn.batch_shape, (plate.size,) + (1,) * (-plate.dim - 1))
+        shape = batch_shape + fn.event_shape
+        view = value.reshape(value.shape[:1] + (1,) * (len(shape) - value.dim()) + value.shape[1:])
+        msg["value"] = view.expand(shape).to(dtype=fn.mean.dtype)
+
+
+def _basal_values(guide, model, cells: ControlCells, block_seed: np.random.SeedSequence, k: int,
+                  device: torch.device) -> dict[str, torch.Tensor]:
+    """Posterior draws ``{site: (k, L)}`` of the basal sites for ``k`` control cells drawn
+    with replacement (seeded), from the guide given each cell's counts and dosage."""
+    sites = contract.basal_sites(model)
+    if not sites:
+        raise ValueError(
+            f"{type(model).__name__} declares no basal sites (contract.basal_sites): its local latents "
+            "depend on the treatment, so they cannot be taken from control cells; use basal='prior'"
+        )
+    rng = np.random.default_rng(block_seed)
+    picked = np.asarray(cells.indices)[rng.integers(0, len(cells.indices), size=k)]
+    order = np.argsort(picked, kind="stable")
+    batch = cells.data.batch(picked[order], device=device)
+    torch.manual_seed(seed_int(block_seed))
+    trace = poutine.trace(guide).get_trace(batch)
+    back = torch.as_tensor(np.argsort(order, kind="stable"), device=device)
+    out = {}
+    for name in sites:
+        if name not in trace.nodes:
+            raise ValueError(f"the guide samples no basal site {name!r} for observed cells")
+        out[name] = trace.nodes[name]["value"].detach()[back]
+    return out
 
 
 class CountSite(Messenger):
@@ -301,6 +382,14 @@ def _row_pools(library: Library, rows: list[str]) -> list[np.ndarray] | None:
     return [np.sort(np.asarray(library[lab], dtype=np.float64)) for lab in rows]
 
 
+def _basal_option(basal) -> "ControlCells | None":
+    if isinstance(basal, ControlCells):
+        return basal
+    if basal == "prior":
+        return None
+    raise ValueError(f"basal must be 'prior' or a ControlCells, got {basal!r}")
+
+
 def _check_options(num_particles: int, particle_batch: int, treatment_batch: int | None, estimator: str) -> None:
     if num_particles < 1:
         raise ValueError(f"num_particles must be >= 1, got {num_particles}")
@@ -333,6 +422,7 @@ def _run_steps(
     particle_batch: int,
     memory_mb: float | None,
     num_threads: int | None,
+    basal: "ControlCells | None" = None,
 ) -> None:
     """Run the intervened model over particle blocks x batches of request rows and call
     ``step_fn`` once per step (block x batch) with the captured count site.
@@ -369,6 +459,10 @@ def _run_steps(
                 torch.manual_seed(seed_int(np.random.SeedSequence([int(seed) % 2**63, block])))
                 probe = spec.request_batch([rows[0]], run_library, covariate_codes, device=device)
                 globals_ = Predictive(guide, num_samples=k, parallel=True, return_sites=None)(probe)
+                basal_draws = None
+                if basal is not None:
+                    values = _basal_values(guide, model, basal, np.random.SeedSequence([int(seed) % 2**63, block, 3]), k, device)
+                    basal_draws = _BasalDraws(values)
                 quantile = None
                 if pools is not None:
                     quantile = np.random.default_rng(np.random.SeedSequence([int(seed) % 2**63, block, 2])).random(k)
@@ -379,7 +473,7 @@ def _run_steps(
                     streams = [RowStream(row_seed(seed, block, lab), device, shared) for lab in chunk]
                     site = CountSite(run_library)
                     # the model's own dosage is the control's; the intervention sets each row's
-                    intervened = poutine.do(_DosageSite(model, RowStreams(streams, pool), site), data={"d": batch.d})
+                    intervened = poutine.do(_DosageSite(model, RowStreams(streams, pool), site, basal_draws), data={"d": batch.d})
                     base = replace(batch, d=torch.zeros_like(batch.d))
                     Predictive(intervened, posterior_samples=globals_, num_samples=k, parallel=True, return_sites=("x",))(base)
                     libraries = None
@@ -428,6 +522,7 @@ def model_effects(
     particle_batch: int = DEFAULT_PARTICLE_BATCH,
     num_threads: int | None = None,
     rows_at_once: bool | None = None,
+    basal: "str | ControlCells" = "prior",
 ) -> EffectPrediction:
     """Model effects of ``labels`` (combinations included) by posterior predictive.
 
@@ -478,6 +573,10 @@ def model_effects(
             (default on CUDA) instead of row by row (default on CPU, where the rows run
             in parallel threads and a label's values are bit-identical whatever the
             batching; at once, they agree to float rounding).
+        basal: ``"prior"`` (the paper's: basal states from the model's prior) or
+            :class:`ControlCells`: each particle's basal state is a control cell's
+            posterior draw (its counterfactual under each dosage; models that declare
+            :func:`~pyro_perturb.contract.basal_sites`).
 
     Returns:
         :class:`EffectPrediction`.
@@ -512,7 +611,8 @@ def model_effects(
 
     _run_steps(model, guide, spec, rows, statistics, num_particles=num_particles, seed=seed, device=device,
                library=library, covariate_codes=codes, treatment_batch=treatment_batch,
-               particle_batch=particle_batch, memory_mb=memory_mb, num_threads=num_threads)
+               particle_batch=particle_batch, memory_mb=memory_mb, num_threads=num_threads,
+               basal=_basal_option(basal))
     index = pd.Index(rows, name="perturbation")
     lognorm_mean = pd.DataFrame((lognorm / num_particles).cpu().numpy(), index=index, columns=spec.genes)
     normalized_mean = pd.DataFrame((normalized / num_particles).cpu().numpy(), index=index, columns=spec.genes)
@@ -521,7 +621,8 @@ def model_effects(
     treated = np.stack([means[position[lab]] for lab in labels]) if labels else np.zeros((0, G))
     ate = pd.DataFrame(treated - means[0], index=pd.Index(labels, name="perturbation"), columns=spec.genes)
     return EffectPrediction(ate=ate, lognorm_mean=lognorm_mean, normalized_mean=normalized_mean,
-                            library=description, estimator=estimator, num_particles=int(num_particles))
+                            library=description, estimator=estimator, num_particles=int(num_particles),
+                            basal="prior" if _basal_option(basal) is None else f"control cells ({len(basal.indices)})")
 
 
 @torch.no_grad()
@@ -566,6 +667,7 @@ def sample_cells(
     covariates=None,
     particle_batch: int = DEFAULT_PARTICLE_BATCH,
     num_threads: int | None = None,
+    basal: "str | ControlCells" = "prior",
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Counterfactual cells: ``n_cells`` posterior predictive draws of counts per label.
 
@@ -602,5 +704,5 @@ def sample_cells(
 
     _run_steps(model, guide, spec, rows, draw, num_particles=int(n_cells), seed=seed, device=device,
                library=library, covariate_codes=codes, treatment_batch=None, particle_batch=particle_batch,
-               memory_mb=memory_mb, num_threads=num_threads)
+               memory_mb=memory_mb, num_threads=num_threads, basal=_basal_option(basal))
     return {lab: (np.concatenate(counts[i]), np.concatenate(sizes[i])) for i, lab in enumerate(rows)}

@@ -38,6 +38,9 @@ class ConditionalVAEModel(PyroModule):
     """
 
     max_plate_nesting = 1
+    #: z's prior ignores the dosage (the decoder sees it): a control cell's posterior z,
+    #: decoded under another dosage, is its counterfactual
+    basal_sites = ("z",)
 
     def __init__(
         self,

@@ -59,6 +59,8 @@ class AdditiveShiftModel(PyroModule):
     max_plate_nesting = 1
     #: the model predicts any combination of known singles (the ATE code asks this)
     composes = True
+    #: z_basal's prior ignores the dosage: a control cell's posterior draw is its basal state
+    basal_sites = ("z_basal",)
 
     def __init__(
         self,
