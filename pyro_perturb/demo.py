@@ -107,7 +107,7 @@ def demo_summary(results: dict, fitted: dict, out: Path) -> str:
         n = comparison["lognorm_delta"]["unseen"]["n_labels"]
         lines.append(
             f"held-out doubles ({n} combinations never trained on; {comparison['control_cells']} held-out controls; "
-            f"model at {comparison['ate_library']} depth):"
+            f"model at {comparison['ate_library']} depth, basal states from {comparison.get('basal', 'prior')}):"
         )
         header = "".join(p.rjust(13) for p in HEADLINE_PREDICTORS)
         lines.append(" " * 31 + header)

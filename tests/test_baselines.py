@@ -188,3 +188,67 @@ def test_comparison_skipped_without_heldout_controls(combo_adata):
         res = ate_results(model, guide, data, num_particles=10)
     assert "skipped" in res["comparison"] and res["comparison"]["control_cells"] == 0
     assert "skipped" in comparison_table(res["comparison"])
+
+
+# cells of data with a covariate: line, label, split (a held-out (line, label) pair: L2 / A)
+UNIT_CELLS = [
+    ("L1", "control", "train"), ("L1", "control", "train"), ("L1", "control", "test"),
+    ("L2", "control", "train"), ("L2", "control", "train"), ("L2", "control", "test"),
+    ("L1", "A", "train"), ("L1", "A", "train"), ("L1", "A", "val"),
+    ("L1", "B", "train"), ("L2", "B", "train"), ("L2", "B", "test"),
+    ("L2", "A", "test"), ("L2", "A", "test"),
+]
+
+
+def test_covariate_units_baselines_and_block_by_hand():
+    """Data with covariates: units are (line, label) pairs measured against their own line's
+    held-out controls; baselines by hand (training cells only)."""
+    from pyro_perturb.evaluate.comparison import compare_units, covariate_baseline_effects
+    from pyro_perturb.evaluate.predictive import EffectPrediction
+
+    rng = np.random.default_rng(3)
+    x = rng.integers(1, 30, size=(len(UNIT_CELLS), 4)).astype(np.float32)
+    obs = pd.DataFrame({"line": [c[0] for c in UNIT_CELLS], "perturbation": [c[1] for c in UNIT_CELLS],
+                        "split": [c[2] for c in UNIT_CELLS]}, index=[f"c{i}" for i in range(len(UNIT_CELLS))])
+    adata = ad.AnnData(sp.csr_matrix(x), obs=obs, var=pd.DataFrame(index=[f"g{j}" for j in range(4)]))
+    data = PerturbationData.from_anndata(adata, covariate_keys=["line"], heldout_control_fraction=0)
+    ln = _lognorm(x)
+    lab = obs["perturbation"].to_numpy()
+    line = obs["line"].to_numpy()
+    train = obs["split"].to_numpy() == "train"
+
+    def mean(mask):
+        return ln[mask].mean(0)
+
+    units = ["L2 / A", "L2 / B"]
+    frames = covariate_baseline_effects(data, units)["lognorm_delta"]
+    # the empirical effect of (L2, B) against L2's training controls
+    expected_b = mean(train & (line == "L2") & (lab == "B")) - mean(train & (line == "L2") & (lab == "control"))
+    np.testing.assert_allclose(frames["empirical"].loc["L2 / B"], expected_b, rtol=1e-6)
+    assert frames["empirical"].loc["L2 / A"].isna().all()  # no training cell of (L2, A)
+    # covariate-additive: A's training effect in the other line (L1)
+    expected_a = mean(train & (line == "L1") & (lab == "A")) - mean(train & (line == "L1") & (lab == "control"))
+    np.testing.assert_allclose(frames["covariate_additive"].loc["L2 / A"], expected_a, rtol=1e-6)
+    np.testing.assert_allclose(frames["mean_effect"].loc["L2 / A"], expected_b, rtol=1e-6)  # L2's only trained label
+    assert (frames["no_change"].to_numpy() == 0).all()
+
+    # the block: a model that predicts the covariate-additive effect exactly ties it
+    genes = list(data.spec.genes)
+
+    def prediction(cov):
+        rows = ["control", "A", "B"]
+        effect = {"control": np.zeros(4), "A": frames["covariate_additive"].loc["L2 / A"].to_numpy(),
+                  "B": frames["empirical"].loc["L2 / B"].to_numpy()}
+        lognorm = pd.DataFrame([effect[r] for r in rows], index=rows, columns=genes)
+        return EffectPrediction(ate=lognorm.loc[["A", "B"]], lognorm_mean=lognorm,
+                                normalized_mean=pd.DataFrame(1.0, index=rows, columns=genes), library="fixed 10000",
+                                estimator="integrated", num_particles=1)
+
+    block, out = compare_units(data, {"L2": prediction("L2")})
+    assert block["units"] == "covariate values x label" and block["control_cells"] == 2
+    assert block["lognorm_delta"]["unseen"]["labels"] == ["L2 / A"]
+    assert block["lognorm_delta"]["seen"]["labels"] == ["L2 / B"]
+    unseen = block["lognorm_delta"]["unseen"]
+    assert unseen["model"]["mse_delta"] == pytest.approx(unseen["covariate_additive"]["mse_delta"])
+    observed_a = mean((line == "L2") & (lab == "A") & ~train) - mean((line == "L2") & (lab == "control") & ~train)
+    np.testing.assert_allclose(out["observed"]["lognorm_delta"].loc["L2 / A"], observed_a, rtol=1e-6)
