@@ -152,7 +152,8 @@ def fit_one(setting: str, model: str, seed: int, out: Path, overrides: dict) -> 
     return run_dir
 
 
-def evaluate_one(setting: str, model: str, seed: int, out: Path, particles: int, overrides: dict, options: dict) -> dict:
+def evaluate_one(setting: str, model: str, seed: int, out: Path, particles: int, overrides: dict, options: dict,
+                 tag: str = "") -> dict:
     """Evaluate a fitted run as a user would (``Run.evaluate``); one JSON record."""
     import pyro_perturb as pp
 
@@ -167,6 +168,7 @@ def evaluate_one(setting: str, model: str, seed: int, out: Path, particles: int,
     history = run.history
     record = {
         "setting": setting,
+        "tag": tag,
         "model": model,
         "seed": seed,
         "overrides": overrides,
@@ -187,7 +189,7 @@ def evaluate_one(setting: str, model: str, seed: int, out: Path, particles: int,
         "comparison": results.get("comparison"),
     }
     (out / "json").mkdir(parents=True, exist_ok=True)
-    path = out / "json" / f"{setting}_{model}_seed{seed}.json"
+    path = out / "json" / f"{setting}_{model}_seed{seed}{'_' + tag if tag else ''}.json"
     path.write_text(json.dumps(record, indent=1, default=float))
     print(f"{setting} {model} seed {seed}: {record['steps']} steps, evaluated -> {path}", flush=True)
     return record
@@ -195,16 +197,26 @@ def evaluate_one(setting: str, model: str, seed: int, out: Path, particles: int,
 
 def table(out: Path) -> str:
     """The Markdown table from every JSON in ``out/json``."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=RuntimeWarning)  # nan means of constant predictors
     records = [json.loads(p.read_text()) for p in sorted((out / "json").glob("*.json"))]
     lines = ["# Models beside honest baselines (bench/real_data.py)", ""]
-    for setting in SETTINGS:
-        recs = [r for r in records if r["setting"] == setting and r.get("comparison") and "skipped" not in r["comparison"]]
+    tags = sorted({r.get("tag", "") for r in records})
+    for setting, tag in [(s, t) for s in SETTINGS for t in tags]:
+        recs = [r for r in records if r["setting"] == setting and r.get("tag", "") == tag
+                and r.get("comparison") and "skipped" not in r["comparison"]]
         if not recs:
             continue
         group = FOCUS[setting]
         seeds = sorted({r["seed"] for r in recs})
+        options = recs[0].get("evaluation_options") or {}
         ceiling = np.array([_ceiling(r["noise_ceiling_pearson_delta"]) for r in recs])
-        lines += [f"## {setting}: group `{group}`, seeds {seeds}", "",
+        variant = f" ({tag}: {', '.join(f'{k}={v}' for k, v in options.items())})" if tag else ""
+        lines += [f"## {setting}{variant}: group `{group}`, seeds {seeds}", "",
+                  f"Model drawn at {recs[0]['comparison'].get('library', '?')}, basal states from "
+                  f"{recs[0]['comparison'].get('basal', 'prior')}; {recs[0]['comparison'].get('control_cells')} held-out "
+                  f"control cells.", "",
                   f"Noise ceiling: split-half Pearson delta of the held-out data {np.nanmean(ceiling[:, 0]):.3f}, so a "
                   f"perfect predictor would reach a Pearson delta of about {np.nanmean(ceiling[:, 1]):.3f}. "
                   f"Steps reached: " + ", ".join(f"{r['model']} s{r['seed']}: {r['steps']}" for r in recs) + ".", ""]
@@ -260,7 +272,7 @@ def main(args: argparse.Namespace) -> None:
                     if args.phase in ("fit", "all"):
                         fit_one(setting, model, seed, out, overrides)
                     if args.phase in ("evaluate", "all"):
-                        evaluate_one(setting, model, seed, out, args.particles, overrides, options)
+                        evaluate_one(setting, model, seed, out, args.particles, overrides, options, args.tag)
     text = table(out)
     (out / "real_data.md").write_text(text)
     print(text)
@@ -275,6 +287,7 @@ if __name__ == "__main__":
     parser.add_argument("--set", action="append", help="training override key=value for every fit")
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     parser.add_argument("--evaluate-set", action="append", help="evaluator option key=value (e.g. ate_library=10000)")
+    parser.add_argument("--tag", default="", help="an evaluation variant's name (its own JSON files and table section)")
     parser.add_argument("--phase", choices=("fit", "evaluate", "all"), default="all")
     parser.add_argument("--table-only", action="store_true")
     main(parser.parse_args())

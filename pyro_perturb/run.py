@@ -258,6 +258,7 @@ class Run:
         estimator: str = "integrated",
         covariates=None,
         data=None,
+        basal: str = "prior",
     ):
         """Model effects of perturbation labels (:class:`~pyro_perturb.evaluate.predictive.EffectPrediction`:
         ATE, mean log-normalised and normalised expression) by posterior predictive
@@ -268,13 +269,31 @@ class Run:
         depth) or a mapping ``{label: sizes}`` (the control included). ``estimator``:
         ``"integrated"`` (count noise integrated out) or ``"sampled"``. ``memory_mb``:
         working-memory budget (MB; default 1024); the result does not depend on it.
-        ``covariates``: values of the drawn cells (default: the first of each key)."""
+        ``covariates``: values of the drawn cells (default: the first of each key).
+        ``basal``: ``"prior"`` (default, the paper's: basal states from the model's prior)
+        or ``"controls"``: each particle's basal state is a posterior draw of one of the
+        training control cells of ``data`` (of the same covariate values), decoded under
+        each dosage (:class:`~pyro_perturb.evaluate.predictive.ControlCells`; models with
+        basal sites, the others use the prior)."""
+        from .evaluate.ate import basal_cells
         from .evaluate.predictive import model_effects
 
         labels = self._canonical(labels)
         library = self._library(library, [self.spec.control, *labels], covariates, data)
+        if basal != "prior":
+            if data is None:
+                raise ValueError("basal='controls' needs data=... (the training control cells to draw basal states from)")
+            cov = None
+            if covariates is not None and self.spec.covariate_keys:
+                from .evaluate.data_stats import COVARIATE_SEP
+                from .evaluate.groups import _cov_codes
+
+                codes = _cov_codes(self.spec, covariates)
+                cov = COVARIATE_SEP.join(cats[c] for cats, c in zip(self.spec.covariate_categories, codes))
+            basal = basal_cells(self.model, self.encode(data), basal, cov)
         return model_effects(self.model, self.guide, self.spec, labels, library=library, num_particles=num_particles,
-                             seed=seed, estimator=estimator, device=self.device, memory_mb=memory_mb, covariates=covariates)
+                             seed=seed, estimator=estimator, device=self.device, memory_mb=memory_mb, covariates=covariates,
+                             basal=basal)
 
     def ate(
         self,
@@ -286,11 +305,12 @@ class Run:
         estimator: str = "integrated",
         covariates=None,
         data=None,
+        basal: str = "prior",
     ) -> pd.DataFrame:
         """Model ATE of perturbation labels (``"A"``, ``"A+B"``...; labels x genes): the
         ``ate`` of :meth:`effects` (same arguments). Combinations of known singles work
         for models that compose. ``library=1e4`` gives the paper's statistic."""
-        return self.effects(labels, num_particles, seed, memory_mb, library, estimator, covariates, data).ate
+        return self.effects(labels, num_particles, seed, memory_mb, library, estimator, covariates, data, basal).ate
 
     def sample(
         self,

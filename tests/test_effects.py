@@ -229,6 +229,13 @@ def test_run_stores_training_depths_and_predicts_at_them(fitted):
         loaded.ate(["p002"], num_particles=5)
     from_data = loaded.ate(["p000+p001", "p002"], num_particles=40, data=adata)
     np.testing.assert_allclose(from_data.to_numpy(), observed.ate.to_numpy(), atol=1e-3)
+    # basal states from the training control cells of the data
+    controls = run.effects(["p002"], num_particles=40, data=adata, basal="controls")
+    n_train_controls = int((data.label_names(train) == control).sum())
+    assert controls.basal == f"control cells ({n_train_controls})"
+    assert not np.allclose(controls.ate.to_numpy(), observed.ate.loc[["p002"]].to_numpy())
+    with pytest.raises(ValueError, match="needs data"):
+        run.ate(["p002"], num_particles=5, basal="controls")
 
 
 def test_run_sample_cells(fitted):
