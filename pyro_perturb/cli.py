@@ -262,9 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ate-library", default="observed",
                    help="library size of the model's drawn cells: 'observed' (each row at the depths of the held-out "
                    "cells it is compared with; default) or a number, e.g. 1e4 (the SAMS-VAE paper's)")
-    p.add_argument("--ate-basal", choices=["controls", "prior"], default="controls",
-                   help="basal states of the model's drawn cells: 'controls' (posterior draws of training control "
-                   "cells, decoded under each dosage; default, for models with basal sites) or 'prior' (the paper's)")
+    p.add_argument("--ate-basal", choices=["prior", "controls"], default="prior",
+                   help="basal states of the model's drawn cells: 'prior' (the paper's; default) or 'controls' "
+                   "(posterior draws of training control cells, decoded under each dosage; models with basal sites)")
     p.add_argument("--no-plots", action="store_true", help="skip the PPC export and PNG plots")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

@@ -68,7 +68,7 @@ from .predictive import DEFAULT_PARTICLES, ControlCells, model_effects
 __all__ = ["ATE_SPLITS", "ate_results", "ate_evaluator"]
 
 #: where the model's basal states come from in an evaluation (see :func:`basal_cells`)
-BASAL_OPTIONS = ("controls", "prior")
+BASAL_OPTIONS = ("prior", "controls")
 ATE_SPLITS = ("all", "train", "test")
 
 
@@ -92,7 +92,7 @@ def ate_results(
     data_cells="heldout",
     memory_mb: float | None = None,
     library="observed",
-    basal: str = "controls",
+    basal: str = "prior",
 ) -> dict:
     """Data ATE, model ATE and metrics per treatment split, and the model beside the
     baselines (:func:`~.comparison.compare_effects`).
@@ -101,11 +101,12 @@ def ate_results(
         library: depth of the model's drawn cells: ``"observed"`` (default: per row, the
             library sizes of the held-out cells it is compared with,
             :func:`~.comparison.heldout_pools`) or a number (``1e4``: the paper's).
-        basal: ``"controls"`` (default): each particle's basal state is a *training*
-            control cell's posterior draw (of the same covariate values), decoded under
-            each dosage (:class:`~.predictive.ControlCells`), for models that declare
-            basal sites; ``"prior"`` (the paper's, and every other model's): from the
-            model's prior.
+        basal: ``"prior"`` (default, the paper's: basal states from the model's prior) or
+            ``"controls"``: each particle's basal state is a *training* control cell's
+            posterior draw (of the same covariate values), decoded under each dosage
+            (:class:`~.predictive.ControlCells`), for models that declare basal sites.
+            Measured: no gain over the prior once the depth is matched
+            (bench/results/real_data/real_data.md).
 
     Returns:
         dict with ``data`` and ``model`` (DataFrames; the model's has NaN rows for labels
@@ -207,7 +208,7 @@ def basal_cells(model, data: PerturbationData, basal: str, covariates: str | Non
 
 
 def _predictions_by_covariate(model, guide, data: PerturbationData, labels: list[str], observed_depth: bool, library,
-                              num_particles: int, seed: int, device, memory_mb, basal: str = "controls") -> dict:
+                              num_particles: int, seed: int, device, memory_mb, basal: str = "prior") -> dict:
     """The model's effects at each covariate value with held-out cells: ``{covariate
     values: EffectPrediction}``, drawn at the depth of that covariate value's held-out
     cells (or the fixed library)."""
@@ -252,7 +253,7 @@ def ate_evaluator(
     (``"observed"``, default, or a number such as ``1e4``), ``ate_ppc`` (default True),
     ``ate_plots`` (default True), ``ppc_draws`` (default 30), ``ate_data_cells`` (default
     ``"heldout"``), ``ate_memory_mb`` (working-memory budget of the model ATE, default 1024),
-    ``ate_basal`` (``"controls"``, default, or ``"prior"``: see :func:`ate_results`).
+    ``ate_basal`` (``"prior"``, default, or ``"controls"``: see :func:`ate_results`).
     """
     if data.spec.n_perturbations == 0:
         return
@@ -260,7 +261,7 @@ def ate_evaluator(
     num_particles = int(opts.get("ate_particles", DEFAULT_PARTICLES))
     memory_mb = opts.get("ate_memory_mb")
     library = opts.get("ate_library", "observed")
-    basal = str(opts.get("ate_basal", "controls"))
+    basal = str(opts.get("ate_basal", "prior"))
     if library is None:
         library = "observed"
     res = ate_results(
