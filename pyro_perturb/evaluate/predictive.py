@@ -540,10 +540,13 @@ def model_effects(
     ``log2(1 + 1e4 x / T)`` is integrated over the count noise or sampled
     (``estimator``) and summed over particles, as is the normalised mean.
 
-    For a given ``seed``, ``num_particles`` and ``particle_batch``, a label's values are
-    bit-identical whatever the treatment batching (``treatment_batch``, ``memory_mb``,
-    threads) and whichever other labels are asked; the ATE of the control label is
-    exactly 0 (see :func:`_run_steps` for the random streams).
+    For a given ``seed``, ``num_particles`` and ``particle_batch``, a label's values do
+    not depend on the treatment batching (``treatment_batch``, ``memory_mb``, threads) or
+    on which other labels are asked: bit for bit with the sampled estimator; to float
+    rounding (~1e-7) with the integrated one, because the decoder's multi-threaded float32
+    products may round a row differently in another batch and the integrated value keeps
+    that rounding (sampled counts are integers). The ATE of the control label is exactly
+    0 (see :func:`_run_steps` for the random streams).
 
     Args:
         labels: perturbation labels (``"A"``, ``"A+B"``).
