@@ -348,3 +348,23 @@ def test_request_batch_refuses_unknown_perturbation():
     spec = PerturbationData.from_anndata(make_adata()).spec
     with pytest.raises(ValueError, match="'C'"):
         spec.request_batch(["C"], 1e4)
+
+
+def test_per_component_dose_follows_the_written_order():
+    """``"B+A"`` with dose ``"1.0+0.5"``: B (written first) gets 1.0 and A 0.5, although the
+    label is canonicalised to ``"A+B"``."""
+    labels = ["control"] * 3 + ["B+A"] * 3 + ["A+B"] * 3 + ["A"] * 3
+    doses = ["1"] * 3 + ["1.0+0.5"] * 6 + ["2"] * 3
+    obs = pd.DataFrame({"perturbation": labels, "dose": doses, "split": ["train"] * 12},
+                       index=[f"c{i}" for i in range(12)])
+    x = np.random.default_rng(0).integers(1, 9, size=(12, 5)).astype(np.float32)
+    adata = ad.AnnData(sp.csr_matrix(x), obs=obs)
+    adata.var_names = [f"g{i}" for i in range(5)]
+    with pytest.warns(UserWarning):
+        data = PerturbationData.from_anndata(adata, dose_key="dose", heldout_control_fraction=0)
+    assert data.spec.perturbations == ["A", "B"]
+    dosage = data.dosage.toarray()
+    np.testing.assert_array_equal(dosage[3], [0.5, 1.0])  # B+A: B=1.0, A=0.5
+    np.testing.assert_array_equal(dosage[6], [1.0, 0.5])  # A+B: A=1.0, B=0.5
+    np.testing.assert_array_equal(dosage[9], [2.0, 0.0])
+    assert list(data.label_names([3, 6])) == ["A+B", "A+B"]

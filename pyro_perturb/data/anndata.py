@@ -525,7 +525,14 @@ def _encode_dosage(obs, labels: _EncodedLabels, control: str, separator: str, do
     """Dosage ``(n_cells, T)``: multi-hot over the single perturbations, scaled by doses."""
     n_cells = len(labels.raw)
     single_index = {p: i for i, p in enumerate(labels.perturbations)}
-    parts_of_unique = [split_label(c, control, separator) for c in labels.canonical]
+    # components in the order each label is written, so that a per-component dose
+    # ("1.0+0.5") goes to the component written at its position ("B+A": B gets 1.0)
+    first_cell = np.full(len(labels.canonical), -1, dtype=np.int64)
+    first_cell[labels.inverse[::-1]] = np.arange(len(labels.inverse))[::-1]
+    parts_of_unique = [
+        split_label(labels.raw[i], control, separator) if i >= 0 else split_label(c, control, separator)
+        for i, c in zip(first_cell, labels.canonical)
+    ]
     # vectorised over cells: each cell repeats the single-perturbation columns of
     # its unique label (this runs on millions of cells)
     unique_cols = [np.array([single_index[p] for p in parts], dtype=np.int64) for parts in parts_of_unique]
