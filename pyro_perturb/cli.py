@@ -256,7 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data")
     p.add_argument("--out", required=True, help="metrics.json path; other outputs go beside it")
     p.add_argument("--num-particles", type=int, default=100, help="IWELBO importance samples")
-    p.add_argument("--ate-particles", type=int, default=2500, help="posterior predictive particles of the model ATE")
+    p.add_argument("--ate-particles", type=int, default=None,
+                   help="posterior predictive particles of the model effects (default 250: with the count noise "
+                   "integrated out, ~10x more precise than the SAMS-VAE paper's 2,500 sampled ones)")
     p.add_argument("--ate-memory-mb", type=float, help="working-memory budget (MB) of the model ATE: it uses the "
                    "largest treatment batch that fits (default 1024)")
     p.add_argument("--ate-library", default="observed",

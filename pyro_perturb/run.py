@@ -251,7 +251,7 @@ class Run:
     def effects(
         self,
         labels,
-        num_particles: int = 2500,
+        num_particles: int | None = None,
         seed: int = 0,
         memory_mb: float | None = None,
         library="observed",
@@ -264,6 +264,8 @@ class Run:
         ATE, mean log-normalised and normalised expression) by posterior predictive
         (:func:`~pyro_perturb.evaluate.predictive.model_effects`), on the run's device.
 
+        ``num_particles``: default 250 with the integrated estimator, 2,500 (the paper's)
+        with the sampled one (:func:`~pyro_perturb.evaluate.predictive.default_particles`).
         ``library``: ``"observed"`` (default: each label's cells drawn at its training
         cells' depths, see :meth:`library_pools`), a number (``1e4``: the paper's fixed
         depth) or a mapping ``{label: sizes}`` (the control included). ``estimator``:
@@ -298,7 +300,7 @@ class Run:
     def ate(
         self,
         labels,
-        num_particles: int = 2500,
+        num_particles: int | None = None,
         seed: int = 0,
         memory_mb: float | None = None,
         library="observed",

@@ -46,7 +46,7 @@ def evaluate_run(
     """Held-out IWELBO per split and the metrics of :data:`EVALUATORS`; JSON-ready dict.
 
     ``options`` go to the evaluators: ``ate_particles`` (model ATE particles,
-    default 2,500), ``ate_library`` (``"observed"``, default, or a number: the depth of the
+    default 250, integrated), ``ate_library`` (``"observed"``, default, or a number: the depth of the
     model's drawn cells), ``ate_ppc`` / ``ate_plots`` (bools), ``ppc_draws``,
     ``ate_data_cells``, ``ate_memory_mb`` (the model ATE's working-memory budget).
     """

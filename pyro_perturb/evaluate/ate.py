@@ -63,7 +63,7 @@ from .comparison import compare_effects, compare_units, comparison_frame, covari
 from .data_stats import covariate_strings, data_ate, representable_labels, treatment_splits
 from .metrics import ate_metrics
 from .ppc import posterior_predictive_check
-from .predictive import DEFAULT_PARTICLES, ControlCells, model_effects
+from .predictive import ControlCells, default_particles, model_effects
 
 __all__ = ["ATE_SPLITS", "ate_results", "ate_evaluator"]
 
@@ -86,7 +86,7 @@ def ate_results(
     model,
     guide,
     data: PerturbationData,
-    num_particles: int = DEFAULT_PARTICLES,
+    num_particles: int | None = None,
     seed: int = 0,
     device=None,
     data_cells="heldout",
@@ -249,7 +249,8 @@ def ate_evaluator(
     "num_particles": ..., "library": ...}``, ``results["comparison"]`` (the block of
     :func:`~.comparison.compare_effects`), and copies the train / test treatment-split
     metrics into ``results["train"]`` / ``results["test"]``. Options
-    (``evaluate_run(options=...)``): ``ate_particles`` (default 2500), ``ate_library``
+    (``evaluate_run(options=...)``): ``ate_particles`` (default 250: the integrated estimator's, see
+    :func:`~.predictive.default_particles`), ``ate_library``
     (``"observed"``, default, or a number such as ``1e4``), ``ate_ppc`` (default True),
     ``ate_plots`` (default True), ``ppc_draws`` (default 30), ``ate_data_cells`` (default
     ``"heldout"``), ``ate_memory_mb`` (working-memory budget of the model ATE, default 1024),
@@ -258,7 +259,8 @@ def ate_evaluator(
     if data.spec.n_perturbations == 0:
         return
     opts = dict(options or {})
-    num_particles = int(opts.get("ate_particles", DEFAULT_PARTICLES))
+    particles = opts.get("ate_particles")
+    num_particles = int(default_particles("integrated") if particles is None else particles)
     memory_mb = opts.get("ate_memory_mb")
     library = opts.get("ate_library", "observed")
     basal = str(opts.get("ate_basal", "prior"))
