@@ -77,6 +77,9 @@ does not define the member.
     the dosage nor the label (SAMS-VAE's ``z_basal``, the conditional VAE's ``z``), so a
     control cell's posterior draw of them, decoded under another dosage, is that cell's
     counterfactual (the model effects' ``basal="controls"``).
+:func:`adjacency` (model ``adjacency() -> Adjacency``; default None)
+    The learned gene graph of a gene-graph model (DCD-FG, NODAGS-Flow): ``(G, G)``
+    weights, entry ``[i, j]`` the edge from gene i to gene j (``Run.adjacency``).
 :func:`transfer_parameters` (model and guide ``transfer_parameters(label_codes, reset=True) -> [(parameter, rows)]``; default [])
     What an out-of-distribution transfer fits for held-out labels.
 
@@ -159,6 +162,23 @@ class MaskProbabilities(NamedTuple):
     labels: list[str]
 
 
+class Adjacency(NamedTuple):
+    """A gene-graph model's learned graph.
+
+    Attributes:
+        weights: ``(G, G)`` float array; ``weights[i, j]`` scores the edge gene i -> gene j
+            (zero on the diagonal).
+        is_probability: True when ``weights`` are edge probabilities (called edges where
+            > 0.5); False for magnitudes (e.g. ``|W|`` of a linear SEM: ranked, thresholded
+            by the user).
+        genes: the G gene names, in the order of the rows and columns.
+    """
+
+    weights: np.ndarray
+    is_probability: bool
+    genes: list[str]
+
+
 class OptimizerSettings(NamedTuple):
     """What a pair asks of the training engine's optimisers.
 
@@ -235,6 +255,19 @@ def target_scores(model: ZooModel, guide: ZooGuide) -> TargetScores | None:
                 raise TypeError(f"{type(owner).__name__}.target_scores() must return a TargetScores, got {type(out).__name__}")
             return TargetScores(as_array(out.scores), bool(out.is_mask), list(out.labels))
     return None
+
+
+def adjacency(model: ZooModel) -> Adjacency | None:
+    """The model's learned gene graph (:class:`Adjacency`, weights as float64), or None
+    for a model without one."""
+    fn = _member(model, "adjacency")
+    if fn is None:
+        return None
+    with torch.no_grad():
+        out = fn()
+    if not isinstance(out, Adjacency):
+        raise TypeError(f"{type(model).__name__}.adjacency() must return an Adjacency, got {type(out).__name__}")
+    return Adjacency(as_array(out.weights), bool(out.is_probability), list(out.genes))
 
 
 def mask_probabilities(guide: ZooGuide) -> MaskProbabilities | None:
@@ -392,6 +425,7 @@ def check_pair(model: ZooModel, guide: ZooGuide, batch: Batch) -> None:
 
 
 __all__ = [
+    "Adjacency",
     "CELL_PLATE",
     "LATENT_KEY",
     "MaskProbabilities",
@@ -400,6 +434,7 @@ __all__ = [
     "TargetScores",
     "ZooGuide",
     "ZooModel",
+    "adjacency",
     "as_array",
     "auxiliary_loss",
     "cached_posterior",

@@ -1,0 +1,59 @@
+"""Which measured gene each perturbation targets: the intervention contract of the
+gene-graph models (DCD-FG, NODAGS-Flow).
+
+A perturbation label names its targeted gene as it appears in ``var_names`` (a
+combination ``A+B`` targets both; the control targets none). A graph model replaces the
+conditional of every targeted gene in a cell (a perfect intervention), so it needs, per
+single perturbation of the :class:`~pyro_perturb.data.DataSpec`, the column of its gene.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .anndata import DataSpec
+
+#: how a perturbation that names no measured gene is treated: ``"error"`` refuses the
+#: data; ``"ignore"`` keeps its cells with no targeted gene (the graph then treats them as
+#: observational cells: right when the targeted gene is simply not among the measured
+#: ones, e.g. a panel of 300 genes, and the knockout acts only through measured genes)
+UNMATCHED_TARGETS = ("error", "ignore")
+
+
+def unmatched_perturbations(spec: DataSpec) -> list[str]:
+    """The single perturbations of ``spec`` whose name is not a gene of ``spec.genes``."""
+    genes = set(spec.genes)
+    return [p for p in spec.perturbations if p not in genes]
+
+
+def target_matrix(spec: DataSpec, unmatched: str = "error") -> torch.Tensor:
+    """``(T, G)`` float 0/1 matrix: row t has a 1 at the gene that perturbation t targets.
+
+    A cell's targeted genes are ``(batch.d @ target_matrix) > 0`` (any positive dose
+    intervenes). ``unmatched`` (see :data:`UNMATCHED_TARGETS`) says what to do with a
+    perturbation that names no measured gene: ``"error"`` raises a ``ValueError``
+    naming them; ``"ignore"`` leaves its row zero.
+    """
+    if unmatched not in UNMATCHED_TARGETS:
+        raise ValueError(f"unmatched={unmatched!r}; choose one of {UNMATCHED_TARGETS}")
+    missing = unmatched_perturbations(spec)
+    if missing and unmatched == "error":
+        shown = ", ".join(repr(m) for m in missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        raise ValueError(
+            f"{len(missing)} of {spec.n_perturbations} perturbations name no measured gene "
+            f"(var_names): {shown}. A gene-graph model needs each perturbation to name its "
+            "targeted gene; pass unmatched_targets='ignore' (--set unmatched_targets=ignore) "
+            "to keep those cells as observational"
+        )
+    column = {g: j for j, g in enumerate(spec.genes)}
+    matrix = torch.zeros(spec.n_perturbations, spec.n_genes)
+    for t, name in enumerate(spec.perturbations):
+        if name in column:
+            matrix[t, column[name]] = 1.0
+    return matrix
+
+
+def targeted_genes(dosage: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``(B, G)`` bool: the genes each cell's perturbations target. ``dosage`` ``(B, T)``,
+    ``targets`` ``(T, G)`` (:func:`target_matrix`, on the dosage's device)."""
+    return (dosage.abs() @ targets) > 0
