@@ -43,11 +43,11 @@ Posterior
       with every local Normal site's scale multiplied by ``scale_factor``. A VAE's
       ``q`` is typically narrower than the posterior (the reverse KL it minimises is
       mode-seeking); the wide component covers the posterior's tails, and the guide's
-      own component bounds the weights, ``w <= p / (a q)``, so the estimate is never
-      worse than a's share of plain importance sampling with the guide (multiple /
-      defensive importance sampling, as Lopez et al. 2020 recommend for decisions, who
-      combine proposals fitted with other objectives; here the mixture is fixed, so it
-      works with any zoo model without training anything).
+      own component bounds the weights, ``p / r <= p / (a q)``, so their second moment is
+      at most ``1 / a`` times that of importance sampling with the guide alone
+      (defensive / multiple importance sampling; Lopez et al. 2020 combine proposals
+      fitted with other objectives, here the mixture is fixed, so it works with any zoo
+      model without training anything).
 
     The global latents are not reweighted (their posterior is the guide's).
 
