@@ -224,9 +224,6 @@ def agreement(model_frame, base, top=20):
 def real(args, log):
     import anndata
 
-    from pyro_perturb.evaluate.de import differential_expression
-    from pyro_perturb.run import fit
-
     sets = {
         "papalexi": ("papalexi2021_eccite_lowmoi.h5ad", "perturbation", "control", [],
                      ["IFNGR1", "IFNGR2", "JAK2", "STAT1", "IRF1", "SMAD4"]),
@@ -244,24 +241,35 @@ def real(args, log):
             adata = adata[np.sort(rng.choice(adata.n_obs, min(adata.n_obs, args.max_cells), replace=False))].copy()
         adata = _top_variance(adata, args.genes)
         labels = [lab for lab in labels if (adata.obs[key].astype(str) == lab).sum() >= 20]
-        t0 = time.time()
-        run = fit(adata, model="cvae", perturbation_key=key, control=control, covariate_keys=covs,
-                  max_epochs=args.real_epochs, n_latent=10, n_hidden=128, seed=0)
-        fit_s = time.time() - t0
-        log(f"{name}: {adata.n_obs} cells x {adata.n_vars} genes, fit {fit_s:.0f}s")
-        for label in labels:
-            for method in METHODS:
-                t0 = time.time()
-                frame = differential_expression(run, adata, label, delta=args.delta, fdr=0.05, method=method,
-                                                n_particles=args.particles, n_samples=args.samples,
-                                                n_cells=args.real_cells, seed=0)
-                # the same cells (rows of adata: the encoded data keep its order)
-                base = welch_baseline(adata, frame.attrs["cells_a"], frame.attrs["cells_b"], args.delta, 0.05)
-                rows.append({"dataset": name, "perturbation": label, "method": method, "cells_a": frame.attrs["n_cells_a"],
-                             "cells_b": frame.attrs["n_cells_b"], "de_s": time.time() - t0,
-                             "rel_ess": frame.attrs["mean_relative_ess"], **agreement(frame, base)})
-            log(f"  {label} done")
+        for model in args.real_models:
+            rows += _real_model(args, log, adata, name, model, key, control, covs, labels)
     return pd.DataFrame(rows)
+
+
+def _real_model(args, log, adata, name, model, key, control, covs, labels):
+    """Fit ``model`` on one real set; DE of each label, both methods, against the Welch test."""
+    from pyro_perturb.evaluate.de import differential_expression
+    from pyro_perturb.run import fit
+
+    rows = []
+    t0 = time.time()
+    run = fit(adata, model=model, perturbation_key=key, control=control, covariate_keys=covs,
+              max_epochs=args.real_epochs, n_latent=10, n_hidden=128, seed=0)
+    log(f"{name}, {model}: {adata.n_obs} cells x {adata.n_vars} genes, fit {time.time() - t0:.0f}s")
+    for label in labels:
+        for method in METHODS:
+            t0 = time.time()
+            frame = differential_expression(run, adata, label, delta=args.delta, fdr=0.05, method=method,
+                                            n_particles=args.particles, n_samples=args.samples,
+                                            n_cells=args.real_cells, seed=0)
+            # the same cells (rows of adata: the encoded data keep its order)
+            base = welch_baseline(adata, frame.attrs["cells_a"], frame.attrs["cells_b"], args.delta, 0.05)
+            rows.append({"dataset": name, "model": model, "perturbation": label, "method": method,
+                         "cells_a": frame.attrs["n_cells_a"], "cells_b": frame.attrs["n_cells_b"],
+                         "de_s": time.time() - t0, "rel_ess": frame.attrs["mean_relative_ess"],
+                         **agreement(frame, base)})
+        log(f"  {label} done")
+    return rows
 
 
 def main(args) -> dict:
@@ -325,9 +333,11 @@ def parse_args(argv=None):
     p.add_argument("--max-cells", type=int, default=8000, help="cells subsampled from a real set")
     p.add_argument("--real-cells", type=int, default=300, help="cells per group in real-data DE")
     p.add_argument("--real-epochs", type=int, default=30)
+    p.add_argument("--real-models", default="cvae", help="comma-separated models fitted on the real sets")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "de"))
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.real_models = [m.strip() for m in args.real_models.split(",") if m.strip()]
     args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = set(args.tasks) - {"sim", "real"}
     if unknown:
