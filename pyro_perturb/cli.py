@@ -319,7 +319,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny settings (seconds; for smoke tests)")
     p.set_defaults(func=cmd_demo)
+    add_de_parser(sub)
     return parser
+
+
+def cmd_de(args) -> int:
+    from .evaluate.de import differential_expression
+    from .run import load_run
+
+    run = load_run(args.run_dir, device=args.device)
+    frame = differential_expression(
+        run, args.data, args.perturbation, control=args.control, delta=args.delta, fdr=args.fdr,
+        method=args.method, n_particles=args.n_particles, n_cells=args.n_cells or None, n_samples=args.n_samples,
+        mode=args.mode, seed=args.seed,
+    )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(out)
+    a = frame.attrs
+    print(f"wrote {out}: {a['n_de']} of {len(frame)} genes DE ({a['perturbation']} vs {a['control']}, "
+          f"{a['method']}, |LFC| > {a['delta']:g} log2, posterior expected FDR {a['expected_fdr']:.3f} "
+          f"<= {a['fdr']:g}; {a['n_cells_a']} vs {a['n_cells_b']} cells)")
+    if args.plot:
+        from .evaluate.plots import volcano_plot
+
+        print(f"wrote {volcano_plot(frame, args.plot)}")
+    return 0
+
+
+def add_de_parser(sub) -> None:
+    """The ``de`` subcommand: model-based differential expression of one perturbation."""
+    # evaluate.de's DEFAULT_DELTA, METHODS and MODES, written out: building the parser
+    # imports no torch (tests/test_de.py checks that they agree)
+    DEFAULT_DELTA, METHODS, MODES = 0.25, ("importance", "plain"), ("group", "pairs")
+    p = sub.add_parser("de", help="model-based differential expression of a perturbation's cells against the "
+                       "control's: per-gene LFC, P(|LFC| > delta) and decisions at posterior expected FDR, as CSV")
+    p.add_argument("run_dir")
+    p.add_argument("--perturbation", required=True, help="label of the perturbed group, e.g. 'A' or 'A+B'")
+    p.add_argument("--control", help="label of the reference group (default: the run's control label)")
+    p.add_argument("--data", help=".h5ad holding both groups' cells (default: the run's training data)")
+    p.add_argument("--delta", type=float, default=DEFAULT_DELTA, help="effect-size threshold on |LFC|, log2 units "
+                   f"(default {DEFAULT_DELTA})")
+    p.add_argument("--fdr", type=float, default=0.05, help="target posterior expected FDR (default 0.05)")
+    p.add_argument("--method", choices=METHODS, default="importance",
+                   help="'importance' (self-normalised importance sampling against the model; default) or 'plain' "
+                   "(the guide as the posterior)")
+    p.add_argument("--mode", choices=MODES, default="group",
+                   help="LFC of the groups' mean expression ('group', default) or of random cell pairs ('pairs')")
+    p.add_argument("--n-particles", type=int, default=20, help="importance particles per cell and draw")
+    p.add_argument("--n-samples", type=int, default=50, help="posterior draws")
+    p.add_argument("--n-cells", type=int, default=300, help="at most this many cells per group (0: all)")
+    p.add_argument("--out", required=True, help="output CSV (one row per gene)")
+    p.add_argument("--plot", help="also write a volcano plot (PNG) there")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.set_defaults(func=cmd_de)
 
 
 def main(argv: list[str] | None = None) -> int:

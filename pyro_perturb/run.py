@@ -375,6 +375,28 @@ class Run:
         }
         return adata
 
+    def differential_expression(
+        self,
+        perturbation: str,
+        control: str | None = None,
+        delta: float | None = None,
+        fdr: float = 0.05,
+        method: str = "importance",
+        data=None,
+        **options: Any,
+    ) -> pd.DataFrame:
+        """Model-based differential expression of ``perturbation``'s cells against
+        ``control``'s (default: the run's control label): per gene the posterior mean
+        log2 fold change, ``P(|LFC| > delta)`` and the decision at posterior expected
+        FDR ``fdr``; ``delta`` default :data:`~pyro_perturb.evaluate.de.DEFAULT_DELTA`
+        (0.25, log2 units). ``data``: the cells (default: the training data); ``options``:
+        see :func:`pyro_perturb.evaluate.de.differential_expression`."""
+        from .evaluate.de import DEFAULT_DELTA, differential_expression
+
+        return differential_expression(self, data, perturbation, control=control,
+                                       delta=DEFAULT_DELTA if delta is None else delta, fdr=fdr, method=method,
+                                       **options)
+
     # ------------------------------------------------------------------ persistence
     def config(self) -> dict:
         return {

@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["ate_scatter", "ppc_plot", "mask_heatmap"]
+__all__ = ["ate_scatter", "ppc_plot", "mask_heatmap", "volcano_plot"]
 
 
 def ate_scatter(res: dict, path, title: str = "") -> Path:
@@ -104,6 +104,40 @@ def mask_heatmap(probs: np.ndarray, perturbations: list[str], path, max_latents:
     ax.set_xlabel("latent")
     ax.set_ylabel("treatment")
     fig.colorbar(im, ax=ax, label="q(M = 1)")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def volcano_plot(frame, path, title: str = "", label_top: int = 10) -> Path:
+    """Volcano plot of a differential-expression frame
+    (:func:`pyro_perturb.evaluate.de.differential_expression`): posterior mean LFC (x)
+    against ``-log10(1 - prob_de)`` (y, capped where ``prob_de`` is 1), genes of the
+    decision set coloured, ``+-delta`` dashed, the ``label_top`` DE genes of largest ``|LFC|`` named."""
+    attrs = frame.attrs
+    p = frame["prob_de"].to_numpy(dtype=float)
+    floor = 1.0 / max(2 * int(attrs.get("n_samples", 1000)), 2)  # 1 - p below this is Monte Carlo resolution
+    y = -np.log10(np.maximum(1.0 - p, floor))
+    x = frame["lfc_mean"].to_numpy(dtype=float)
+    de = frame["is_de"].to_numpy(dtype=bool)
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    ax.scatter(x[~de], y[~de], s=6, alpha=0.5, color="0.6", label=f"not DE ({int((~de).sum())})")
+    ax.scatter(x[de], y[de], s=8, alpha=0.8, color="C3", label=f"DE ({int(de.sum())})")
+    delta = attrs.get("delta")
+    if delta is not None:
+        for v in (-delta, delta):
+            ax.axvline(v, color="k", ls="--", lw=0.7)
+    # the decision set's largest effects (probabilities saturate at 1 for many genes)
+    for i in np.lexsort((-np.abs(x), ~de))[: max(0, int(label_top))]:
+        ax.annotate(str(frame.index[i]), (x[i], y[i]), fontsize=6, alpha=0.8)
+    ax.set_xlabel(f"posterior mean LFC ({attrs.get('units', 'log2')})")
+    ax.set_ylabel("-log10(1 - P(|LFC| > delta))")
+    head = f"{attrs.get('perturbation', '')} vs {attrs.get('control', '')}: {attrs.get('method', '')}, " \
+           f"expected FDR {attrs.get('expected_fdr', float('nan')):.3f} (target {attrs.get('fdr', float('nan')):g})"
+    ax.set_title(title or head, fontsize=8)
+    ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=100)

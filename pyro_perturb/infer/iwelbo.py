@@ -54,8 +54,15 @@ def _global_values(trace) -> dict:
 
 
 @torch.no_grad()
-def log_weights(model, guide, batch, num_particles: int, global_values: dict | None = None):
-    """Per-particle, per-cell log importance weights ``(K, B)`` and the global draws used."""
+def particle_traces(model, guide, batch, num_particles: int, global_values: dict | None = None):
+    """The guide's and the replayed model's traces of ``num_particles`` particles (the
+    particle plate at dim ``-(max_plate_nesting + 1)``), subsample sites pruned, with
+    their ``log_prob`` computed; the global sites are set to ``global_values`` when given.
+
+    Returns ``(guide_trace, model_trace, particle_dim)``. The guide may be wrapped by a
+    messenger that changes its local sites' distributions (a proposal other than the
+    guide, :mod:`pyro_perturb.evaluate.de`): the log weights then use its densities.
+    """
     nest = model.max_plate_nesting
     particle_dim = -(nest + 1)
     condition = global_values or {}
@@ -72,11 +79,24 @@ def log_weights(model, guide, batch, num_particles: int, global_values: dict | N
         model_trace = prune_subsample_sites(model_trace)
         guide_trace.compute_log_prob()
         model_trace.compute_log_prob()
+    return guide_trace, model_trace, particle_dim
+
+
+@torch.no_grad()
+def log_weights(model, guide, batch, num_particles: int, global_values: dict | None = None):
+    """Per-particle, per-cell log importance weights ``(K, B)`` and the global draws used."""
+    guide_trace, model_trace, particle_dim = particle_traces(model, guide, batch, num_particles, global_values)
+    logw = trace_log_weights(guide_trace, model_trace, particle_dim, num_particles, batch.size)
+    return logw, (global_values or _global_values(guide_trace))
+
+
+def trace_log_weights(guide_trace, model_trace, particle_dim: int, num_particles: int, n_cells: int) -> torch.Tensor:
+    """``log p(x_i, z_ik | globals_k) - log q(z_ik | ...)`` ``(K, B)`` from the traces of
+    :func:`particle_traces` (the ``"cells"``-plate sites only)."""
     logp = _cell_terms(model_trace, particle_dim, 1.0, skip_observed=False)
     logq = _cell_terms(guide_trace, particle_dim, -1.0, skip_observed=True)
     logw = logp if logq is None else logp + logq
-    logw = logw.expand(num_particles, batch.size)
-    return logw, (global_values or _global_values(guide_trace))
+    return logw.expand(num_particles, n_cells)
 
 
 @torch.no_grad()
