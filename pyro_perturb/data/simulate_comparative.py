@@ -23,22 +23,56 @@ import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 
-from pyro_perturb.data.simulate import (
-    _GENE_BIAS_SD,
-    _HIDDEN_BIAS_SD,
-    CONTROL,
-    _assemble,
-    _check_int,
-    _check_likelihood,
-    _check_positive,
-    _draw_theta,
-    _leaky_relu,
-    _orthogonal,
-    _params,
-    _rngs,
-    _sample_counts,
-)
+import pandas as pd
+
 from pyro_perturb.data.splits import _as_categorical, _check_fraction, _stratified_train_val
+
+# pyro_perturb.data.simulate re-exports this module, so its private helpers cannot be
+# imported here (an import cycle): the few this simulator needs follow, in the same
+# conventions (labels, orthogonal hidden layers, Gamma-Poisson counts, AnnData layout).
+CONTROL = "control"
+_NEGATIVE_SLOPE = 0.2
+_GENE_BIAS_SD = 0.5
+_HIDDEN_BIAS_SD = 0.5
+_LIKELIHOODS = ("nb", "poisson")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_positive(name: str, value: Any, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    value = float(value)
+    if not np.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be finite and {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+    return value
+
+
+def _orthogonal(rng: np.random.Generator, n_in: int, n_out: int) -> np.ndarray:
+    """A random (n_in, n_out) matrix with orthonormal rows or columns (Haar measure)."""
+    q, r = np.linalg.qr(rng.standard_normal((max(n_in, n_out), min(n_in, n_out))))
+    q = q * np.sign(np.diag(r))
+    return q if n_in >= n_out else q.T
+
+
+def _leaky_relu(x: np.ndarray) -> np.ndarray:
+    return np.where(x > 0, x, _NEGATIVE_SLOPE * x)
+
+
+def _sample_counts(rng: np.random.Generator, mean: np.ndarray, theta: np.ndarray | None) -> np.ndarray:
+    """NB(mean, theta) as Gamma-Poisson (Poisson if theta is None)."""
+    rate = mean if theta is None else rng.gamma(theta.astype(np.float64), mean / theta.astype(np.float64))
+    return rng.poisson(rate)
+
+
+def _names(prefix: str, n: int, min_width: int) -> list[str]:
+    width = max(min_width, len(str(max(n - 1, 0))))
+    return [f"{prefix}{i:0{width}d}" for i in range(n)]
+
 
 #: decoder families: piecewise affine (leaky ReLU) or smooth (tanh)
 DECODERS = ("relu", "smooth")
@@ -145,7 +179,7 @@ def comparative(
         ``"salient_means"`` (T, Ls), ``"blocks"``, ``"decoder"``, ``"library_size"``,
         ``"theta"`` (NB).
     """
-    params = _params(dict(locals()))
+    params = {k: v for k, v in dict(locals()).items() if v is not None}
     lb = _check_int("n_background", n_background, 1)
     ls = _check_int("n_salient", n_salient, 1)
     n_pert = _check_int("n_perturbations", n_perturbations, 1)
@@ -156,7 +190,8 @@ def comparative(
     n_hidden_layers = _check_int("n_hidden_layers", n_hidden_layers, 1)
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
-    _check_likelihood(likelihood)
+    if likelihood not in _LIKELIHOODS:
+        raise ValueError(f"likelihood must be one of {_LIKELIHOODS}, got {likelihood!r}")
     library_size = _check_positive("library_size", library_size)
     salient_scale = _check_positive("salient_scale", salient_scale, allow_zero=True)
     val_fraction = _check_fraction("val_fraction", val_fraction, high_open=True)
@@ -168,7 +203,8 @@ def comparative(
     dispersion_log_sd = _check_positive("dispersion_log_sd", dispersion_log_sd, allow_zero=True)
     logit_sd = _check_positive("logit_sd", logit_sd)
 
-    rng_design, rng_latent, rng_decoder, rng_counts, rng_split = _rngs(seed, 5)
+    rng_design, rng_latent, rng_decoder, rng_counts, rng_split = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(5))
     names = [f"pert_{k}" for k in range(n_pert)]
     salient_means = salient_scale * rng_design.standard_normal((n_pert, ls))
     code = np.concatenate([np.full(n_ctrl, -1), np.repeat(np.arange(n_pert), per_pert)])
@@ -179,7 +215,7 @@ def comparative(
     z = np.hstack([z_b, z_s])
 
     dec = _random_decoder(rng_decoder, lb + ls, n_genes, hidden, n_hidden_layers, decoder, z, logit_sd)
-    theta = _draw_theta(rng_decoder, n_genes, dispersion, dispersion_log_sd)
+    theta = np.exp(np.log(dispersion) + dispersion_log_sd * rng_decoder.standard_normal(n_genes)).astype(np.float32)
     library = np.exp(np.log(library_size) + library_log_sd * rng_counts.standard_normal(n_cells))
     blocks = []
     for start in range(0, n_cells, _CHUNK_ROWS):
@@ -214,13 +250,13 @@ def comparative(
     }
     if likelihood == "nb":
         ground_truth["theta"] = theta
-    adata = _assemble(
-        x,
-        {"perturbation": perturbation, "split": split},
-        {"z_true": z, "z_background_true": z_b, "z_salient_true": z_s},
-        ground_truth,
-    )
-    adata.obs["split"] = _as_categorical(split)
+    obs = pd.DataFrame({"perturbation": pd.Categorical(perturbation.astype(str)), "split": _as_categorical(split)},
+                       index=pd.Index(_names("cell_", n_cells, 5)))
+    adata = ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=pd.Index(_names("gene_", n_genes, 3))))
+    for key, value in {"z_true": z, "z_background_true": z_b, "z_salient_true": z_s}.items():
+        adata.obsm[key] = np.ascontiguousarray(value, dtype=np.float32)
+    adata.uns["ground_truth"] = ground_truth
+    adata.uns["simulator"] = "comparative"
     return adata
 
 
