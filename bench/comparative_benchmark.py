@@ -216,7 +216,11 @@ def summarize(out: Path, command: str) -> str:
     rows = read_rows(out / "papalexi.csv")
     if rows:
         tasks = ("ifn_vs_other_ko", "ko_identity", "ifn_vs_control")
-        lines += ["## Papalexi 2021 (knocked-out cells; kNN balanced accuracy out of fold, chance in brackets)", "",
+        lines += ["## Papalexi 2021 (seed 0; kNN balanced accuracy out of fold, chance in brackets)", "",
+                  "Cells: the knocked-out cells (`ifn_vs_other_ko`: IFNGR1/IFNGR2/JAK2/STAT1 vs the 21 other "
+                  "knockouts; `ko_identity`: the 25 knockouts), and the IFN-pathway knockouts with the controls "
+                  "(`ifn_vs_control`; in a salient space controls are 0 by construction, so that column is "
+                  "trivially high there).", "",
                   "| model | space | " + " | ".join(f"{t} silhouette | {t} kNN bacc" for t in tasks) + " | s/fit |",
                   "|" + "---|" * (2 * len(tasks) + 3)]
         for r in rows:
@@ -254,7 +258,7 @@ def main(argv=None) -> int:
             run_papalexi(args, out)
     plot(out)
     text = summarize(out, command.strip())
-    notes = out / "notes.md"  # hand-written findings, kept across rewrites
+    notes = out / "findings.txt"  # hand-written findings (Markdown), appended to every rewrite
     if notes.exists():
         text += "\n" + notes.read_text()
     (out / "README.md").write_text(text)
