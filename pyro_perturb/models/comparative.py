@@ -31,9 +31,10 @@ Three ways to fit the same model, one registered entry each:
   the (usually larger) target set nor the background set dominates the shared decoder and
   background encoder.
 * ``co_cvae`` (:class:`COCVAEModel`): the plain ELBO under the constraint
-  ``nHSIC(z_b, z_s) <= epsilon`` on the target cells of each minibatch (normalised HSIC of
-  the posterior means, :func:`pyro_perturb.hsic.normalized_hsic`: about 0 for independent blocks, at most 1): the level
-  ``epsilon`` (``independence_level``) is interpretable, unlike a penalty weight. Solved by
+  ``nHSIC(z_b, z_s) <= epsilon`` on the target cells of each minibatch (normalised unbiased
+  HSIC of the posterior means, :func:`pyro_perturb.hsic.normalized_hsic`: about 0 for
+  independent blocks, at most 1): the level ``epsilon`` (``independence_level``) is
+  interpretable, unlike a penalty weight. Solved by
   a Lagrangian: the step minimises ``-ELBO + lambda * n_cells * (nHSIC - epsilon)`` and the
   multiplier takes a projected gradient-ascent step ``lambda <- max(0, lambda + eta *
   (nHSIC - epsilon))`` (``multiplier_lr``) after each training step's loss, so it grows
