@@ -14,7 +14,8 @@ import os
 import sys
 from pathlib import Path
 
-SIMULATORS = {"sparse-shift": "sparse_shift", "combinatorial": "combinatorial", "factorized": "factorized"}
+SIMULATORS = {"sparse-shift": "sparse_shift", "combinatorial": "combinatorial", "factorized": "factorized",
+              "comparative": "comparative"}
 
 
 class UsageError(ValueError):

@@ -64,6 +64,11 @@ does not define the member.
     ``adversary_loss(guide, batch) -> Tensor``.
 :func:`auxiliary_loss` (model ``auxiliary_loss(guide, batch) -> Tensor``; default None)
     Added to the negative ELBO of each training step.
+:func:`training_loss` (model ``training_loss(elbo, guide, batch) -> Tensor``; default None)
+    What a training step differentiates in place of ``elbo.differentiable_loss(model,
+    guide, batch)`` (the auxiliary loss is still added): for a model that weighs several
+    objectives by their gradients (MO-cVAE's min-norm weights of the background and target
+    ELBOs). Single-process training only. Validation and evaluation keep the plain ELBO.
 :func:`target_scores` (guide or model ``target_scores() -> TargetScores | None``; default None)
     Which latents each perturbation acts on; the guide's wins (masks live in guides).
 :func:`mask_probabilities` (guide ``mask_probabilities() -> Tensor (R, L)``, no grad, and ``mask_labels() -> list[str]`` (R); default None)
@@ -242,6 +247,12 @@ def auxiliary_loss(model: ZooModel) -> Callable[[ZooGuide, Batch], torch.Tensor]
     """``model.auxiliary_loss`` (``(guide, batch) -> Tensor``, added to the negative ELBO
     of each training step, on its scale) or None."""
     return _member(model, "auxiliary_loss")
+
+
+def training_loss(model: ZooModel) -> Callable[[Any, ZooGuide, Batch], torch.Tensor] | None:
+    """``model.training_loss`` (``(elbo, guide, batch) -> Tensor``, differentiated by a
+    training step in place of the ELBO's ``differentiable_loss``) or None."""
+    return _member(model, "training_loss")
 
 
 def target_scores(model: ZooModel, guide: ZooGuide) -> TargetScores | None:
@@ -446,6 +457,7 @@ __all__ = [
     "n_latent",
     "optimizer_settings",
     "target_scores",
+    "training_loss",
     "transfer_parameters",
     "treatment_network_width",
 ]

@@ -379,3 +379,29 @@ for _name, _desc, _model, _guide in [
             needs_perturbations=_name not in ("vae", "beta_vae"),  # these two never see the label
         )
     )
+
+
+# ---------------------------------------------------------------- comparative models (docs/models.md)
+# One generative model (background block for every cell, salient block for perturbed cells
+# only), three ways to fit it: plain ELBO, multi-objective (MGDA) and constrained (HSIC level).
+from .models.comparative import COMPARATIVE_TRAIN_DEFAULTS  # noqa: E402
+
+HYPERPARAMETER_RANGES.update({"independence_level": Bounds(0.0, 1.0, closed=True), "multiplier_lr": POSITIVE})
+for _name, _desc, _model in [
+    ("contrastive_vae", "Contrastive VAE: background z_b (all cells) + salient z_s (perturbed only), plain ELBO (contrastiveVI-like)",
+     "ContrastiveVAEModel"),
+    ("mo_cvae", "MO-cVAE: contrastive VAE, background and target ELBOs by MGDA min-norm weights (Lopez et al. 2024)",
+     "MOCVAEModel"),
+    ("co_cvae", "CO-cVAE: contrastive VAE with nHSIC(z_b, z_s) <= epsilon by a Lagrange multiplier (Lopez et al. 2024)",
+     "COCVAEModel"),
+]:
+    register(
+        ModelEntry(
+            name=_name,
+            description=_desc,
+            model=f"pyro_perturb.models.comparative:{_model}",
+            guide="pyro_perturb.guides.comparative:ComparativeGuide",
+            train_defaults=with_step_budget(COMPARATIVE_TRAIN_DEFAULTS),
+            default_data="comparative",
+        )
+    )

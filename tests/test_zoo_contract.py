@@ -22,6 +22,7 @@ SMALL_SIMS = {
     "combinatorial": dict(n_singles=4, n_doubles=2, cells_per_perturbation=25, n_control_cells=50, n_genes=30, n_ate_draws=20),
     "sparse_shift": dict(n_latent=4, n_perturbations=6, cells_per_perturbation=25, n_control_cells=25, n_genes=30, n_heldout=2),
     "factorized": dict(n_covariates=2, n_treatments=3, cells_per_group=20, n_genes=30, n_heldout_pairs=1),
+    "comparative": dict(n_perturbations=2, n_control_cells=40, cells_per_perturbation=25, n_genes=30),
 }
 TINY_HP = {"n_latent": 4, "n_hidden": 16}
 NAMES = [entry.name for entry in list_models()]
@@ -80,7 +81,8 @@ def test_pair_meets_the_contract(name, datasets):
     assert contract.composes(model) is (entry.default_data != "sparse_shift")
     settings = contract.optimizer_settings(model, guide)
     assert (settings.adversary is not None) is (name == "fcr")
-    assert (contract.auxiliary_loss(model) is not None) is (name == "fcr")
+    assert (contract.auxiliary_loss(model) is not None) is (name in ("fcr", "co_cvae"))
+    assert (contract.training_loss(model) is not None) is (name == "mo_cvae")
     width = contract.treatment_network_width(guide)
     assert width == (max(hparams["n_hidden"], 2 * hparams["n_latent"]) if name == "sams_vae" else 0)
     scores = contract.target_scores(model, guide)

@@ -903,3 +903,7 @@ def factorized(
     adata.obs["split"] = _as_categorical(split)
     adata.obs["heldout"] = heldout
     return adata
+
+
+# the comparative (background / target) simulator lives in its own module
+from pyro_perturb.data.simulate_comparative import comparative  # noqa: E402,F401

@@ -28,6 +28,7 @@ import numpy as np
 
 from .. import contract
 from ..data.anndata import SPLITS
+from .blocks import block_recovery_metrics
 from .metrics import linear_r2, match_latents, target_identification
 
 #: cells used for the correlations (a seeded subsample above this; ranks are O(n log n))
@@ -101,8 +102,13 @@ def recovery_metrics(run, data, seed: int = 0, latents: np.ndarray | None = None
 
 
 def recovery_evaluator(run, data, results, out_dir, seed, options: dict | None = None) -> None:
-    """Adds the recovery metrics to ``results`` when the data has ground truth."""
+    """Adds the recovery metrics to ``results`` when the data has ground truth, and the
+    block metrics (:mod:`.blocks`) when data and run both have background and salient
+    blocks."""
     if not has_ground_truth(data):
         return
-    for split, entry in recovery_metrics(run, data, seed=seed).items():
+    latents = run.latents(data)
+    for split, entry in recovery_metrics(run, data, seed=seed, latents=latents["X_latent"]).items():
+        results.setdefault(split, {}).update(entry)
+    for split, entry in block_recovery_metrics(latents, data, seed=seed).items():
         results.setdefault(split, {}).update(entry)

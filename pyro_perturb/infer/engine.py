@@ -21,7 +21,9 @@ Under ``torchrun`` the same loop trains data-parallel (:mod:`.distributed`).
 Optional hooks a model may define (FCR uses them; :mod:`pyro_perturb.contract`):
 * ``model.auxiliary_loss(guide, batch) -> Tensor``: added to the negative ELBO;
 * ``model.adversary`` (an ``nn.Module``) and ``model.adversary_loss(guide, batch)``:
-  trained by a separate Adam after each main step (adversarial regularisers).
+  trained by a separate Adam after each main step (adversarial regularisers);
+* ``model.training_loss(elbo, guide, batch) -> Tensor``: differentiated in place of the
+  ELBO (MO-cVAE's gradient-weighted objectives; single process only).
 """
 
 from __future__ import annotations
@@ -225,18 +227,23 @@ def distribution_checks(enabled: bool):
 
 def training_step(
     model, guide, batch, elbo, optimizer, clip_norm=None, aux=None, adversary_optimizer=None,
-    validate_distributions: bool = True,
+    validate_distributions: bool = True, loss_fn: Callable | None = None,
 ) -> torch.Tensor:
     """One SVI step of :func:`train`: ``elbo.differentiable_loss`` (+ the model's
     auxiliary loss), backward, gradient clipping, ``optimizer.step()``, then the
     adversary's step if any. Returns the detached loss; when it is not finite nothing
     is updated (the caller stops). ``validate_distributions=False`` switches Pyro's
     distribution checks off for the step (``TrainConfig.validate_distributions``).
+    ``loss_fn(elbo, guide, batch)``: the model's :func:`~pyro_perturb.contract.training_loss`,
+    differentiated in place of ``elbo.differentiable_loss(model, guide, batch)``.
     ``bench/train_throughput.py`` times this function.
     """
     try:
         with distribution_checks(validate_distributions):
-            loss = elbo.differentiable_loss(model, guide, batch)
+            if loss_fn is None:
+                loss = elbo.differentiable_loss(model, guide, batch)
+            else:
+                loss = loss_fn(elbo, guide, batch)
             if aux is not None:
                 loss = loss + aux(guide, batch)
     except ValueError:
@@ -398,6 +405,7 @@ class _Trainer:
     has_val: bool
     steps_per_epoch: int
     progress: object | None = None  # tqdm bar over epochs (rank 0, cfg.progress)
+    step_loss: Callable | None = None  # the model's training_loss (contract), if any
 
 
 def train(
@@ -451,6 +459,9 @@ def train(
     adv_optimizer = adversary_optimizer(adv_optimizer, ctx)
     elbo = make_elbo(cfg.elbo, cfg.num_particles, model.max_plate_nesting)
     aux = contract.auxiliary_loss(model)
+    custom_loss = contract.training_loss(model)
+    if custom_loss is not None and ctx.is_distributed:
+        raise ValueError(f"{type(model).__name__} defines its own training_loss, which data-parallel training does not support")
 
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     if resume:
@@ -467,6 +478,7 @@ def train(
     trainer = _Trainer(
         model, guide, data, cfg, ctx, device, optimizer, adv_optimizer, step_elbo, step_aux,
         Path(run_dir) if run_dir is not None else None, callback, n_train, has_val, steps_per_epoch,
+        step_loss=custom_loss,
     )
     if cfg.progress and ctx.is_main:
         from tqdm.auto import tqdm
@@ -521,7 +533,8 @@ def _train_epoch(t: _Trainer, state: LoopState) -> None:
     ):
         batch = batch.with_kl_weight(kl_weight)
         loss = training_step(t.model, t.guide, batch, t.step_elbo, t.optimizer, cfg.clip_norm, t.step_aux,
-                             t.adv_optimizer, validate_distributions=cfg.validate_distributions)
+                             t.adv_optimizer, validate_distributions=cfg.validate_distributions,
+                             loss_fn=t.step_loss)
         if not torch.isfinite(loss):
             t.model.load_state_dict(state.last_good["model"])
             t.guide.load_state_dict(state.last_good["guide"])
