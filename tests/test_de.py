@@ -117,6 +117,7 @@ SMALL = {
     "combinatorial": dict(n_singles=3, n_doubles=1, cells_per_perturbation=12, n_control_cells=20, n_genes=15, n_ate_draws=5),
     "sparse_shift": dict(n_latent=3, n_perturbations=3, cells_per_perturbation=12, n_control_cells=12, n_genes=15, n_heldout=1),
     "factorized": dict(n_covariates=2, n_treatments=2, cells_per_group=10, n_genes=15, n_heldout_pairs=1),
+    "comparative": dict(n_perturbations=2, n_control_cells=20, cells_per_perturbation=12, n_genes=15),
 }
 COLUMNS = ["lfc_mean", "lfc_sd", "lfc_low", "lfc_high", "prob_de", "expected_fdr", "is_de", "mean_a", "mean_b"]
 
