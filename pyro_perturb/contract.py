@@ -11,7 +11,8 @@ Required of every pair
 Construction
     ``Model(spec: DataSpec, **hyperparameters)`` and ``Guide(spec, **hyperparameters)``,
     both :class:`pyro.nn.PyroModule`. Every hyperparameter is a keyword argument with a
-    default and a type annotation (``int``, ``float``, ``str`` or ``bool``). The registry
+    default and a type annotation (``int``, ``float``, ``str`` or ``bool``; a
+    ``typing.Literal`` of strings lists a ``str`` hyperparameter's own choices). The registry
     reads them from the two ``__init__`` signatures: a name in both must have the same
     default; every value is checked against its annotation (``int`` hyperparameters are
     sizes or counts: positive integers) and the registry's table of ranges before the
