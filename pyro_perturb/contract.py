@@ -11,7 +11,8 @@ Required of every pair
 Construction
     ``Model(spec: DataSpec, **hyperparameters)`` and ``Guide(spec, **hyperparameters)``,
     both :class:`pyro.nn.PyroModule`. Every hyperparameter is a keyword argument with a
-    default and a type annotation (``int``, ``float``, ``str`` or ``bool``). The registry
+    default and a type annotation (``int``, ``float``, ``str`` or ``bool``; a
+    ``typing.Literal`` of strings lists a ``str`` hyperparameter's own choices). The registry
     reads them from the two ``__init__`` signatures: a name in both must have the same
     default; every value is checked against its annotation (``int`` hyperparameters are
     sizes or counts: positive integers) and the registry's table of ranges before the
@@ -56,7 +57,7 @@ does not define the member.
 :func:`n_latent` (model ``n_latent: int``; default 0)
     Latent width per cell (the ATE memory model).
 :func:`likelihood_kind` (model ``likelihood.kind: str``; default ``"nb"``)
-    ``"nb"``, ``"poisson"`` or ``"gaussian"`` (draws of ``log1p(1e4 x / l)``).
+    ``"nb"``, ``"zinb"``, ``"poisson"`` or ``"gaussian"`` (draws of ``log1p(1e4 x / l)``).
 :func:`optimizer_settings` (default: no multipliers, no adversary)
     ``lr_multipliers: dict[str, float]`` of the model and of the guide (parameter-name
     substring -> learning-rate factor); the model's ``adversary: nn.Module``, trained by
@@ -87,6 +88,12 @@ does not define the member.
     weights, entry ``[i, j]`` the edge from gene i to gene j (``Run.adjacency``).
 :func:`transfer_parameters` (model and guide ``transfer_parameters(label_codes, reset=True) -> [(parameter, rows)]``; default [])
     What an out-of-distribution transfer fits for held-out labels.
+:func:`uses_dosage` (model ``uses_dosage: bool``; default True)
+    Whether the model's counts depend on the dosage at all (plain scVI: no); the ATE
+    evaluator skips a model that ignores it (its ATE is zero by construction).
+:func:`init_from_data` (model and guide ``init_from_data(data: PerturbationData) -> None``; default nothing)
+    Statistics of the training cells a pair keeps as buffers (scVI's per-batch library
+    prior), set once after building by :func:`pyro_perturb.fit` (saved with the weights).
 
 :func:`latent_blocks` reads the optional blocks of ``posterior_latents``;
 :func:`check_pair` checks a built pair against all of the above (the zoo's tests run it on
@@ -228,7 +235,7 @@ def n_latent(model: ZooModel) -> int:
 
 
 def likelihood_kind(model: ZooModel) -> str:
-    """``"nb"``, ``"poisson"`` or ``"gaussian"``: what the :data:`OBSERVED_SITE` draws are
+    """``"nb"``, ``"zinb"``, ``"poisson"`` or ``"gaussian"``: what the :data:`OBSERVED_SITE` draws are
     (``"gaussian"``: ``log1p(1e4 x / l)``, not counts). Default ``"nb"``."""
     kind = _member(_member(model, "likelihood"), "kind")
     return "nb" if kind is None else str(kind)
@@ -331,6 +338,23 @@ def transfer_parameters(
     return pairs
 
 
+def uses_dosage(model: ZooModel) -> bool:
+    """Whether the model's counts depend on the dosage (default True); False for a model
+    of unperturbed expression such as plain scVI, whose ATE is zero by construction."""
+    value = _member(model, "uses_dosage")
+    return True if value is None else bool(value)
+
+
+def init_from_data(model: ZooModel, guide: ZooGuide, data) -> None:
+    """Let the model, then the guide, set their data-derived buffers from ``data`` (a
+    :class:`~pyro_perturb.data.PerturbationData`, its training split) through their
+    ``init_from_data``; nothing for a pair without one."""
+    for module in (model, guide):
+        fn = _member(module, "init_from_data")
+        if fn is not None:
+            fn(data)
+
+
 def latent_blocks(latents: Mapping[str, Any]) -> dict[str, Any]:
     """The named blocks of a ``posterior_latents`` (or ``Run.latents``) output: every
     entry but ``"X_latent"``, keyed without the ``"X_"`` prefix (FCR: ``zx``, ``zt``,
@@ -429,6 +453,8 @@ def check_pair(model: ZooModel, guide: ZooGuide, batch: Batch) -> None:
         or not ((masks.probabilities >= 0) & (masks.probabilities <= 1)).all()
     ):
         problems.append(f"mask_probabilities: {masks.probabilities.shape} probabilities for {len(masks.labels)} labels")
+    if not isinstance(uses_dosage(model), bool):
+        problems.append("uses_dosage must be a bool")
     if not isinstance(treatment_network_width(guide), int):
         problems.append("treatment_network() must return an nn.Module")
     if problems:
@@ -451,6 +477,7 @@ __all__ = [
     "cached_posterior",
     "check_pair",
     "composes",
+    "init_from_data",
     "latent_blocks",
     "likelihood_kind",
     "mask_probabilities",
@@ -460,4 +487,5 @@ __all__ = [
     "training_loss",
     "transfer_parameters",
     "treatment_network_width",
+    "uses_dosage",
 ]

@@ -73,6 +73,7 @@ HYPERPARAMETER_RANGES: dict[str, Bounds | tuple[str, ...]] = {
     "omega_classifier": NON_NEGATIVE,
     "omega_independence": NON_NEGATIVE,
     "omega_pair": NON_NEGATIVE,
+    "dropout_rate": Bounds(0.0, 1.0, closed=True),  # < 1 checked by the classes that take it
     # choices
     "likelihood": LIKELIHOODS,
     "mask_gradient": MASK_GRADIENTS,
@@ -91,16 +92,23 @@ class Hyperparameter:
         kind: the annotated type (``int``, ``float``, ``str`` or ``bool``; None: not
             checked).
         optional: the annotation allows None.
+        choices: the allowed strings of a ``typing.Literal[...]`` annotation (``kind``
+            ``str``), which replace the table's for this pair (e.g. scVI's ``likelihood``
+            also allows ``"zinb"``); None: :data:`HYPERPARAMETER_RANGES`.
     """
 
     name: str
     default: Any
     kind: type | None
     optional: bool = False
+    choices: tuple[str, ...] | None = None
+
+    def _bounds(self):
+        return self.choices if self.choices is not None else HYPERPARAMETER_RANGES.get(self.name)
 
     def requirement(self) -> str:
         """What a value must be, in words."""
-        bounds = HYPERPARAMETER_RANGES.get(self.name)
+        bounds = self._bounds()
         if self.kind is int:
             text = "a positive integer"
         elif self.kind is float:
@@ -116,7 +124,7 @@ class Hyperparameter:
     def accepts(self, value: Any) -> bool:
         if value is None:
             return self.optional
-        bounds = HYPERPARAMETER_RANGES.get(self.name)
+        bounds = self._bounds()
         if self.kind is int:
             return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
         if self.kind is float:
@@ -142,7 +150,10 @@ def _signature_hyperparameters(cls: type) -> dict[str, Hyperparameter]:
             optional = type(None) in args
             rest = [a for a in args if a is not type(None)]
             kind = rest[0] if len(rest) == 1 else None
-        out[p.name] = Hyperparameter(p.name, p.default, kind if kind in _CHECKED_TYPES else None, optional)
+        choices = None
+        if typing.get_origin(kind) is typing.Literal and all(isinstance(a, str) for a in typing.get_args(kind)):
+            kind, choices = str, tuple(typing.get_args(kind))
+        out[p.name] = Hyperparameter(p.name, p.default, kind if kind in _CHECKED_TYPES else None, optional, choices)
     return out
 
 
@@ -405,3 +416,19 @@ for _name, _desc, _model in [
             default_data="comparative",
         )
     )
+# ---------------------------------------------------------------- scVI (docs/models.md, "scVI")
+# Training defaults as scVI's: Adam at lr 1e-3, batch 128, analytic KL (meanfield ELBO),
+# the step budget above; the data's
+# covariates (--covariate-keys) are its batches.
+register(
+    ModelEntry(
+        name="scvi",
+        description="scVI: z ~ N(0, I), NB/ZINB counts at an observed or latent library, batch covariates "
+                    "in encoder and decoder (Lopez et al. 2018)",
+        model="pyro_perturb.models.scvi:SCVIModel",
+        guide="pyro_perturb.guides.scvi:SCVIGuide",
+        train_defaults=with_step_budget(dict(lr=1e-3, batch_size=128, elbo="meanfield")),
+        default_data="factorized",
+        needs_perturbations=False,  # plain scVI never sees the dosage (use_perturbation=False)
+    )
+)

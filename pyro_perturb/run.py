@@ -26,6 +26,7 @@ import pandas as pd
 import pyro
 import torch
 
+from . import contract
 from .data import DataSpec, PerturbationData
 from .infer import distributed
 from .infer.checkpoint import atomic_json, atomic_torch_save, safe_load
@@ -590,6 +591,8 @@ def fit(
     # parameter initialisation is part of what the seed fixes
     pyro.set_rng_seed(train_cfg.seed)
     model_obj, guide_obj, full_hparams = build(model, pdata.spec, hparams, gene_stats=pdata.gene_stats("train"))
+    # data-derived buffers (e.g. scVI's library prior; a resumed run then loads its checkpoint's)
+    contract.init_from_data(model_obj, guide_obj, pdata)
     run = Run(model, model_obj, guide_obj, pdata.spec, full_hparams, train_cfg, data_options, path=out,
               data_source=data_source)
     run.data = pdata

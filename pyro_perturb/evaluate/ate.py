@@ -134,7 +134,8 @@ def ate_results(
     ok, notes = representable_labels(model, data, labels)
     depth = heldout_pools(data, ok) if observed_depth else float(library)
     prediction = model_effects(model, guide, data.spec, ok, library=depth, num_particles=num_particles, seed=seed,
-                               device=device, memory_mb=memory_mb, basal=basal_cells(model, data, basal))
+                               device=device, memory_mb=memory_mb, basal=basal_cells(model, data, basal),
+                               **_estimator_option(model))
     model_df = prediction.ate.reindex(labels)
     splits = treatment_splits(data)
     groups = {
@@ -180,6 +181,12 @@ def ate_results(
     return out
 
 
+def _estimator_option(model) -> dict:
+    """``{"estimator": "sampled"}`` for a zero-inflated NB (the integrated estimator
+    integrates NB or Poisson counts only), else ``{}`` (the default estimator)."""
+    return {"estimator": "sampled"} if contract.likelihood_kind(model) == "zinb" else {}
+
+
 def _is_observed(library) -> bool:
     """``"observed"`` or a positive number (the library of every drawn cell)."""
     if isinstance(library, str):
@@ -219,7 +226,7 @@ def _predictions_by_covariate(model, guide, data: PerturbationData, labels: list
         depth = covariate_heldout_pools(data, cov, labels) if observed_depth else float(library)
         out[str(cov)] = model_effects(model, guide, data.spec, labels, library=depth, num_particles=num_particles,
                                       seed=seed, device=device, memory_mb=memory_mb, covariates=str(cov),
-                                      basal=basal_cells(model, data, basal, str(cov)))
+                                      basal=basal_cells(model, data, basal, str(cov)), **_estimator_option(model))
     return out
 
 
@@ -257,6 +264,11 @@ def ate_evaluator(
     ``ate_basal`` (``"prior"``, default, or ``"controls"``: see :func:`ate_results`).
     """
     if data.spec.n_perturbations == 0:
+        return
+    if not contract.uses_dosage(run.model):
+        # e.g. plain scVI: every treatment decodes like the control, the model ATE is zero
+        results["ate"] = {"skipped": f"{type(run.model).__name__} ignores the dosage (contract.uses_dosage): "
+                                     "its ATE is zero by construction"}
         return
     opts = dict(options or {})
     particles = opts.get("ate_particles")

@@ -171,6 +171,10 @@ def count_parameters(fn) -> tuple[torch.Tensor, torch.Tensor | None]:
         base = base.base_dist
     if isinstance(base, torch.distributions.NegativeBinomial):
         return base.mean, getattr(base, "compact_total_count", base.total_count)
+    if type(base).__name__.startswith("ZeroInflated"):
+        raise ValueError(f"expected a NegativeBinomial or Poisson count distribution, got {type(base).__name__}: "
+                         "the quadrature integrates independent NB or Poisson counts, not zero-inflated ones "
+                         "(likelihood 'zinb'); draw counts instead")
     if isinstance(base, torch.distributions.Poisson):
         return base.rate, None
     raise ValueError(f"expected a NegativeBinomial or Poisson count distribution, got {type(base).__name__}")

@@ -261,7 +261,13 @@ class CountSite(Messenger):
         base = fn
         while isinstance(base, dist.Independent):
             base = base.base_dist
-        if isinstance(base, torch.distributions.NegativeBinomial):
+        if isinstance(base, dist.ZeroInflatedDistribution) and isinstance(base.base_dist, torch.distributions.NegativeBinomial):
+            # scVI's zinb: the NB's parameters and the zero-inflation logits
+            self.kind = "zinb"
+            nb = base.base_dist
+            self._params = (nb.logits, nb.total_count, base.gate_logits)
+            self._theta = None
+        elif isinstance(base, torch.distributions.NegativeBinomial):
             self.kind = "nb"
             self._params = (base.logits, base.total_count)
             compact = getattr(base, "compact_total_count", None)
@@ -275,16 +281,18 @@ class CountSite(Messenger):
         else:
             raise ValueError(
                 f"the model's count site 'x' is a {type(base).__name__}: the model effects need a "
-                "negative binomial, Poisson or Gaussian likelihood"
+                "negative binomial (zero-inflated or not), Poisson or Gaussian likelihood"
             )
 
     def mean_row(self, r: int | None, libraries: torch.Tensor | None = None) -> torch.Tensor:
         """Expected counts of row ``r`` at ``libraries`` (``(particles,)``; None: the
         reference library)."""
-        if self.kind == "nb":
-            logits, total_count = self._row(r)
+        if self.kind in ("nb", "zinb"):
+            logits, total_count = self._row(r)[:2]
             shifted = self._logits_at(logits, libraries)
-            return (shifted.exp_() if libraries is not None else shifted.exp()).mul_(total_count)
+            mean = (shifted.exp_() if libraries is not None else shifted.exp()).mul_(total_count)
+            # zinb: (1 - pi) mu
+            return mean.mul_(torch.sigmoid(-self._row(r)[2])) if self.kind == "zinb" else mean
         if self.kind == "poisson":
             (rate,) = self._row(r)
             return rate.clone() if libraries is None else rate * (libraries / self.reference).unsqueeze(-1)
@@ -292,9 +300,13 @@ class CountSite(Messenger):
 
     def sample_row(self, r: int, libraries: torch.Tensor | None, stream: RowStream) -> torch.Tensor:
         """Counts of row ``r`` drawn with ``stream`` (exact Gamma-Poisson / Poisson)."""
-        if self.kind == "nb":
-            logits, total_count = self._row(r)
-            return stream.negative_binomial(total_count, self._logits_at(logits, libraries))
+        if self.kind in ("nb", "zinb"):
+            logits, total_count = self._row(r)[:2]
+            x = stream.negative_binomial(total_count, self._logits_at(logits, libraries))
+            if self.kind == "zinb":  # an extra zero with probability pi = sigmoid(gate logits)
+                gate = torch.sigmoid(self._row(r)[2])
+                x = x.masked_fill_(torch.rand(x.shape, generator=stream.gen, dtype=x.dtype, device=x.device) < gate, 0.0)
+            return x
         if self.kind == "poisson":
             return stream.poisson(self.mean_row(r, libraries))
         raise ValueError(
@@ -312,6 +324,9 @@ class CountSite(Messenger):
                 loc = loc + scale * torch.randn(loc.shape, generator=stream.gen, dtype=loc.dtype, device=loc.device)
             return loc / _LN2
         if estimator == "integrated":
+            if self.kind == "zinb":
+                raise ValueError("the integrated estimator integrates NB or Poisson counts: a zero-inflated NB "
+                                 "(likelihood 'zinb') needs the sampled estimator (estimator='sampled')")
             theta = None
             if self.kind == "nb":
                 theta = self._theta if self._theta is not None else self._row(r)[1]
