@@ -270,6 +270,14 @@ def adjacency(model: ZooModel) -> Adjacency | None:
     return Adjacency(as_array(out.weights), bool(out.is_probability), list(out.genes))
 
 
+def has_adjacency(model: ZooModel | type) -> bool:
+    """Whether a model, or a model class before it is built, is a gene-graph model (it
+    defines ``adjacency()``). Such a model intervenes on genes: its training data get
+    every measured gene as a potential perturbation
+    (:func:`pyro_perturb.data.targets.with_gene_perturbations`)."""
+    return callable(_member(model, "adjacency"))
+
+
 def mask_probabilities(guide: ZooGuide) -> MaskProbabilities | None:
     """The guide's latent masks ``q(mask = 1)`` with their row labels, or None (a guide
     without masks)."""
@@ -440,6 +448,7 @@ __all__ = [
     "cached_posterior",
     "check_pair",
     "composes",
+    "has_adjacency",
     "latent_blocks",
     "likelihood_kind",
     "mask_probabilities",
