@@ -205,7 +205,7 @@ def main(args) -> None:
         return
     path = Path(args.data)
     if not path.exists():
-        raise SystemExit(f"{path} is missing (see the shared data folder's DATA.md)")
+        raise SystemExit(f"{path} is missing (pass --data PATH to the Papalexi 2021 file)")
     if args.quick:
         args.genes, args.max_cells, args.folds, args.seeds = 20, 2000, [0], [0]
         args.max_epochs = args.max_epochs or 2
