@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-SIMULATORS = {"sparse-shift": "sparse_shift", "combinatorial": "combinatorial", "factorized": "factorized"}
+SIMULATORS = {"sparse-shift": "sparse_shift", "combinatorial": "combinatorial", "factorized": "factorized", "causal-dag": "causal_dag"}
 
 
 class UsageError(ValueError):

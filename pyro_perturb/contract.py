@@ -80,6 +80,9 @@ does not define the member.
 :func:`adjacency` (model ``adjacency() -> Adjacency``; default None)
     The learned gene graph of a gene-graph model (DCD-FG, NODAGS-Flow): ``(G, G)``
     weights, entry ``[i, j]`` the edge from gene i to gene j (``Run.adjacency``).
+:func:`bind_model` (guide ``bind_model(model) -> None``; default: nothing)
+    A guide that reads its model's point estimates (DCD-FG's factor values for
+    ``posterior_latents``) is handed the model once, when the pair is built.
 :func:`transfer_parameters` (model and guide ``transfer_parameters(label_codes, reset=True) -> [(parameter, rows)]``; default [])
     What an out-of-distribution transfer fits for held-out labels.
 
@@ -278,6 +281,14 @@ def has_adjacency(model: ZooModel | type) -> bool:
     return callable(_member(model, "adjacency"))
 
 
+def bind_model(model: ZooModel, guide: ZooGuide) -> None:
+    """Hand ``model`` to a guide that declares ``bind_model`` (nothing otherwise);
+    :func:`pyro_perturb.registry.build` calls it on every pair it builds."""
+    fn = _member(guide, "bind_model")
+    if fn is not None:
+        fn(model)
+
+
 def mask_probabilities(guide: ZooGuide) -> MaskProbabilities | None:
     """The guide's latent masks ``q(mask = 1)`` with their row labels, or None (a guide
     without masks)."""
@@ -445,6 +456,7 @@ __all__ = [
     "adjacency",
     "as_array",
     "auxiliary_loss",
+    "bind_model",
     "cached_posterior",
     "check_pair",
     "composes",

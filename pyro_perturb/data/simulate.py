@@ -903,3 +903,5 @@ def factorized(
     adata.obs["split"] = _as_categorical(split)
     adata.obs["heldout"] = heldout
     return adata
+
+from pyro_perturb.data.simulate_dag import causal_dag  # noqa: E402,F401  (gene-graph DAG simulator)
