@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 SIMULATORS = {"sparse-shift": "sparse_shift", "combinatorial": "combinatorial", "factorized": "factorized"}
+SIMULATORS["cyclic-graph"] = "cyclic_graph"
 
 
 class UsageError(ValueError):

@@ -23,10 +23,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from .contract import bind_pair
 from .data import DataSpec
 from .likelihoods import LIKELIHOODS
 from .models.fcr import INDEPENDENCE
 from .models.svae import MASK_GRADIENTS
+from .data.targets import UNMATCHED_TARGETS
+from .models.nodags import LOGDET_ESTIMATORS, MECHANISMS as NODAGS_MECHANISMS
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,12 @@ HYPERPARAMETER_RANGES: dict[str, Bounds | tuple[str, ...]] = {
     "likelihood": LIKELIHOODS,
     "mask_gradient": MASK_GRADIENTS,
     "independence": INDEPENDENCE,
+    # gene-graph models (NODAGS-Flow)
+    "unmatched_targets": UNMATCHED_TARGETS,
+    "lipschitz": Bounds(0.0, 1.0),
+    "l1_penalty": NON_NEGATIVE,
+    "mechanism": NODAGS_MECHANISMS,
+    "logdet_estimator": LOGDET_ESTIMATORS,
 }
 
 _CHECKED_TYPES = (bool, int, float, str)
@@ -254,6 +263,7 @@ def build(
     check_hyperparameters(name, full)
     model = entry.model_cls(spec, **_accepted(entry.model_cls, full))
     guide = entry.guide_cls(spec, **_accepted(entry.guide_cls, full))
+    bind_pair(model, guide)
     if gene_stats is not None:
         from .nn import ExpressionNormalizer
 
@@ -379,3 +389,20 @@ for _name, _desc, _model, _guide in [
             needs_perturbations=_name not in ("vae", "beta_vae"),  # these two never see the label
         )
     )
+
+
+# ---------------------------------------------------------------- gene-graph models
+# NODAGS-Flow (docs/models.md, "NODAGS-Flow"): no latents, penalised maximum likelihood;
+# training defaults chosen on the cyclic simulator: see NODAGS_TRAIN_DEFAULTS in pyro_perturb/models/nodags.py, plus the step budget above.
+from .models.nodags import NODAGS_TRAIN_DEFAULTS  # noqa: E402
+
+register(
+    ModelEntry(
+        name="nodags",
+        description="NODAGS-Flow: contractive cyclic SEM of the genes, interventional likelihood, L1-gated edges (Sethuraman et al. 2023)",
+        model="pyro_perturb.models.nodags:NODAGSModel",
+        guide="pyro_perturb.guides.nodags:NODAGSGuide",
+        train_defaults=with_step_budget(NODAGS_TRAIN_DEFAULTS),
+        default_data="cyclic_graph",
+    )
+)

@@ -903,3 +903,7 @@ def factorized(
     adata.obs["split"] = _as_categorical(split)
     adata.obs["heldout"] = heldout
     return adata
+
+
+# gene-graph simulators (NODAGS-Flow): cyclic structural equation models with their true graph
+from pyro_perturb.data.simulate_cyclic import cyclic_graph  # noqa: E402,F401
