@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 SIMULATORS = {"sparse-shift": "sparse_shift", "combinatorial": "combinatorial", "factorized": "factorized", "causal-dag": "causal_dag"}
+SIMULATORS["cyclic-graph"] = "cyclic_graph"
 
 
 class UsageError(ValueError):

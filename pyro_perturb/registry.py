@@ -29,6 +29,7 @@ from .models.fcr import INDEPENDENCE
 from .models.svae import MASK_GRADIENTS
 from .data.targets import UNMATCHED_TARGETS
 from .models.dcdfg import CONDITIONALS
+from .models.nodags import LOGDET_ESTIMATORS, MECHANISMS as NODAGS_MECHANISMS
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,11 @@ HYPERPARAMETER_RANGES: dict[str, Bounds | tuple[str, ...]] = {
     "constraint_mu_init": POSITIVE,
     "constraint_growth": Bounds(1.0, None, closed=True),
     "constraint_progress": Bounds(0.0, 1.0),
+    # gene-graph models (NODAGS-Flow)
+    "lipschitz": Bounds(0.0, 1.0),
+    "l1_penalty": NON_NEGATIVE,
+    "mechanism": NODAGS_MECHANISMS,
+    "logdet_estimator": LOGDET_ESTIMATORS,
 }
 
 _CHECKED_TYPES = (bool, int, float, str)
@@ -407,5 +413,21 @@ register(
         guide="pyro_perturb.guides.dcdfg:DCDFGGuide",
         train_defaults={**DCDFG_TRAIN_DEFAULTS, "max_steps": 3000, "val_every_steps": 150},
         default_data="causal_dag",
+    )
+)
+
+# ---------------------------------------------------------------- gene-graph models
+# NODAGS-Flow (docs/models.md, "NODAGS-Flow"): no latents, penalised maximum likelihood;
+# training defaults chosen on the cyclic simulator: see NODAGS_TRAIN_DEFAULTS in pyro_perturb/models/nodags.py, plus the step budget above.
+from .models.nodags import NODAGS_TRAIN_DEFAULTS  # noqa: E402
+
+register(
+    ModelEntry(
+        name="nodags",
+        description="NODAGS-Flow: contractive cyclic SEM of the genes, interventional likelihood, L1-gated edges (Sethuraman et al. 2023)",
+        model="pyro_perturb.models.nodags:NODAGSModel",
+        guide="pyro_perturb.guides.nodags:NODAGSGuide",
+        train_defaults=with_step_budget(NODAGS_TRAIN_DEFAULTS),
+        default_data="cyclic_graph",
     )
 )

@@ -51,6 +51,7 @@ BUILTIN_DATA = {
     "sparse_shift": {},
     "factorized": {"covariate_keys": ["cell_line"]},
     "causal_dag": {},
+    "cyclic_graph": {},
 }
 
 
