@@ -69,8 +69,10 @@ def load(path: Path, n_genes: int, unmatched: str, max_cells: int | None, seed: 
     return adata
 
 
-def data_response(adata, sources=PATHWAY_SOURCES, top: int = 10) -> dict:
-    """Per knockout: the genes whose mean ``y`` differs most from the control's (Welch t)."""
+def data_response(adata, sources=FOLDS[0] + FOLDS[1] + FOLDS[2], top: int = 10) -> dict:
+    """Per knockout: the genes whose mean ``y`` differs most from the control's (Welch t),
+    and, as ``"<gene> (own)"``, its own gene's (with the ratio of mean normalised
+    expression, ``1e4 x / l``, knockout over control)."""
     x = adata.X.toarray() if hasattr(adata.X, "toarray") else np.asarray(adata.X)
     y = np.log1p(1e4 * x / np.maximum(x.sum(1, keepdims=True), 1))
     labels = adata.obs["perturbation"].to_numpy()
@@ -83,9 +85,13 @@ def data_response(adata, sources=PATHWAY_SOURCES, top: int = 10) -> dict:
             continue
         diff = ko.mean(0) - ctrl.mean(0)
         t = diff / np.sqrt(ko.var(0, ddof=1) / len(ko) + ctrl.var(0, ddof=1) / len(ctrl) + 1e-12)
-        t[genes == source] = 0.0  # its own knockout
+        own = genes == source
+        self_effect = {"gene": source, "t": float(t[own][0]), "diff": float(diff[own][0]),
+                       "normalized_ratio": float(np.expm1(ko[:, own]).mean() / np.expm1(ctrl[:, own]).mean())}
+        t[own] = 0.0  # its own knockout, reported apart
         order = np.argsort(-np.abs(t))[:top]
         out[source] = [{"gene": str(genes[i]), "t": float(t[i]), "diff": float(diff[i])} for i in order]
+        out[source + " (own)"] = [self_effect]
     return out
 
 
@@ -160,6 +166,8 @@ def summarize(out: Path) -> str:
     runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
     if not runs:
         return "no runs\n"
+    for r in runs:  # a variant (--tag) is shown as its own model
+        r["model"] = r["model"] + r.get("tag", "")
     lines = ["## Held-out interventions: test I-NLL per cell (nats, lower is better)", "",
              "| model | fold (held out) | seed | genes | test cells | model I-NLL | no-edge I-NLL | model - no-edge (SE) "
              "| val: model - no-edge | fit s |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -184,14 +192,21 @@ def summarize(out: Path) -> str:
         for source, block in r["pathway"].items():
             if source in r["heldout"]:
                 continue
-            top = ", ".join(f"{e['target']} {e['weight']:+.3f}" for e in block["top"][:6])
+            shown = [e for e in block["top"][:6] if abs(e["weight"]) >= 5e-3]
+            top = ", ".join(f"{e['target']} {e['weight']:+.3f}" for e in shown) or "no edge (all |weight| < 0.005)"
             known = ", ".join(f"{g} #{v['rank']} ({v['weight']:+.3f})" for g, v in block["known"].items())
+            into = ", ".join(f"{e['source']} {e['weight']:+.3f}" for e in block.get("in_edges_top", [])[:3]
+                             if abs(e["weight"]) >= 5e-3) or "none"
             lines.append(f"- {r['model']} fold {r['fold']} seed {r['seed']}: **{source}** -> {top}; "
-                         f"known targets' rank of {block['n_targets']}: {known}")
+                         f"known targets' rank of {block['n_targets']}: {known}; strongest edges into {source}: {into}")
     response = out / "data_response.json"
     if response.exists():
         lines += ["", "## Data reference: genes moved most by each knockout (Welch t vs control, all cells)", ""]
         for source, rows in json.loads(response.read_text()).items():
+            if source.endswith(" (own)"):
+                lines.append(f"  - its own mRNA in its knockout: t={rows[0]['t']:+.1f}, normalised expression "
+                             f"{rows[0]['normalized_ratio']:.2f}x the control's")
+                continue
             lines.append(f"- **{source}**: " + ", ".join(f"{x['gene']} t={x['t']:+.1f}" for x in rows[:8]))
     return "\n".join(lines) + "\n"
 
@@ -228,7 +243,8 @@ def main(args) -> None:
                     continue
                 result = one_run(adata, model, fold, seed, args)
                 result["settings"] = {"genes": args.genes, "unmatched": args.unmatched, "max_cells": args.max_cells,
-                                      "particles": args.particles}
+                                      "particles": args.particles, "set": list(args.set or [])}
+                result["tag"] = args.tag
                 path.write_text(json.dumps(result, indent=1, default=float))
                 print(f"{path.name}: test I-NLL {result['test_inll_model']:.2f} vs no-edge "
                       f"{result['test_inll_no_edge']:.2f} ({result['fit_s']:.0f} s)")

@@ -79,7 +79,8 @@ does not define the member.
     counterfactual (the model effects' ``basal="controls"``).
 :func:`adjacency` (model ``adjacency() -> Adjacency``; default None)
     The learned gene graph of a gene-graph model (DCD-FG, NODAGS-Flow): ``(G, G)``
-    weights, entry ``[i, j]`` the edge from gene i to gene j (``Run.adjacency``).
+    weights, entry ``[i, j]`` the edge from gene i to gene j (``Run.adjacency``);
+    :func:`has_adjacency` tells it of a model class before it is built.
 :func:`bind_model` (guide ``bind_model(model) -> None``; default: nothing)
     A guide that reads its model's point estimates (DCD-FG's factor values for
     ``posterior_latents``) is handed the model once, when the pair is built.
