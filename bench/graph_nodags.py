@@ -71,8 +71,7 @@ def run_one(n_genes: int, mechanism: str, seed: int, settings: dict, threshold: 
     import pyro_perturb as pp
     from pyro_perturb import contract
     from pyro_perturb.data.simulate_cyclic import cyclic_graph
-    from pyro_perturb.evaluate.graph_baselines import regression_baseline_scores
-    from pyro_perturb.evaluate.graph_metrics import edge_auprc, graph_metrics
+    from pyro_perturb.evaluate.graph_metrics import edge_auprc, graph_metrics, regression_baseline_scores
     from pyro_perturb.normalize import log1p_normalize
 
     adata = cyclic_graph(seed=seed, n_genes=n_genes, mechanism=mechanism, cells_per_perturbation=cells,

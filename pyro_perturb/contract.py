@@ -80,12 +80,11 @@ does not define the member.
 :func:`adjacency` (model ``adjacency() -> Adjacency``; default None)
     The learned gene graph of a gene-graph model (DCD-FG, NODAGS-Flow): ``(G, G)``
     weights, entry ``[i, j]`` the edge from gene i to gene j (``Run.adjacency``).
+:func:`bind_model` (guide ``bind_model(model) -> None``; default: nothing)
+    A guide that reads its model's point estimates (DCD-FG's factor values, NODAGS-Flow's
+    SEM noise, for ``posterior_latents``) is handed the model once, when the pair is built.
 :func:`transfer_parameters` (model and guide ``transfer_parameters(label_codes, reset=True) -> [(parameter, rows)]``; default [])
     What an out-of-distribution transfer fits for held-out labels.
-:func:`bind_pair` (guide ``bind_model(model) -> None``; default: nothing)
-    A guide whose ``posterior_latents`` is computed by the model's own networks (a model
-    without latent sites, NODAGS-Flow: the cell's SEM noise) is given the model once
-    the pair is built (:func:`pyro_perturb.registry.build` calls it).
 
 :func:`latent_blocks` reads the optional blocks of ``posterior_latents``;
 :func:`check_pair` checks a built pair against all of the above (the zoo's tests run it on
@@ -274,6 +273,14 @@ def adjacency(model: ZooModel) -> Adjacency | None:
     return Adjacency(as_array(out.weights), bool(out.is_probability), list(out.genes))
 
 
+def bind_model(model: ZooModel, guide: ZooGuide) -> None:
+    """Hand ``model`` to a guide that declares ``bind_model`` (nothing otherwise);
+    :func:`pyro_perturb.registry.build` calls it on every pair it builds."""
+    fn = _member(guide, "bind_model")
+    if fn is not None:
+        fn(model)
+
+
 def mask_probabilities(guide: ZooGuide) -> MaskProbabilities | None:
     """The guide's latent masks ``q(mask = 1)`` with their row labels, or None (a guide
     without masks)."""
@@ -322,13 +329,6 @@ def transfer_parameters(
         if fn is not None:
             pairs += fn(label_codes, reset=reset)
     return pairs
-
-
-def bind_pair(model: ZooModel, guide: ZooGuide) -> None:
-    """Give the guide its model when it asks for it (``guide.bind_model(model)``)."""
-    fn = _member(guide, "bind_model")
-    if fn is not None:
-        fn(model)
 
 
 def latent_blocks(latents: Mapping[str, Any]) -> dict[str, Any]:
@@ -448,7 +448,7 @@ __all__ = [
     "adjacency",
     "as_array",
     "auxiliary_loss",
-    "bind_pair",
+    "bind_model",
     "cached_posterior",
     "check_pair",
     "composes",

@@ -50,6 +50,7 @@ BUILTIN_DATA = {
     "combinatorial": {},
     "sparse_shift": {},
     "factorized": {"covariate_keys": ["cell_line"]},
+    "causal_dag": {},
     "cyclic_graph": {},
 }
 
