@@ -190,3 +190,8 @@ def test_short_fit_recovers_cyclic_edges():
     auprc = edge_auprc(truth, weights)
     assert auprc > density + 0.4, (auprc, density)
     assert np.isfinite(run.iwelbo(data, "test", num_particles=2)).all()
+    # effects go through the graph: a knockdown lowers its gene (learned level), and an
+    # unseen double lowers both of its genes
+    ate = run.ate(["gene_00", "gene_00+gene_03"], num_particles=50)
+    assert ate.loc["gene_00", "gene_00"] < -1.0
+    assert ate.loc["gene_00+gene_03", ["gene_00", "gene_03"]].max() < -1.0
