@@ -13,7 +13,9 @@ with its registry defaults (``--set`` overrides them), then:
   the edges whose strength exceeds ``--threshold``; beside chance (AUPRC = edge density;
   SHD of the empty graph = number of true edges) and the regression baseline
   (``regression_baseline_scores``: each gene regressed on the others over the cells where
-  it is not targeted, |standardised coefficients|); also the AUPRC over all genes;
+  it is not targeted, |standardised ridge coefficients|; given the graph's genes only,
+  without the background gene, whose closure relation with the others would otherwise
+  swamp it); also NODAGS's AUPRC over all genes;
 * interventional NLL (I-NLL, nats per cell, on ``log1p(1e4 x / l)``) on the test split
   (held-out cells of seen knockdowns, and the unseen doubles alone): ``nodags``'s held-out
   IWELBO, beside the no-edge baseline (independent Gaussians per gene fitted on the
@@ -64,6 +66,29 @@ def _targeted(adata, genes: list[str]) -> np.ndarray:
     return np.array([[g in p for g in genes] for p in parts])
 
 
+def regression_metrics(adata, n_genes: int) -> dict:
+    """The regression baseline's AUPRC and top-k SHD / F1 on the training cells of the
+    graph's genes (its scores are not on the model's scale, so its edges are its top k,
+    k = true edges: a cut that favours it)."""
+    import torch
+
+    from pyro_perturb.evaluate.graph_metrics import graph_metrics, regression_baseline_scores
+    from pyro_perturb.normalize import log1p_normalize
+
+    x = adata.X.toarray()
+    y = log1p_normalize(torch.as_tensor(x), torch.as_tensor(x.sum(1))).numpy()[:, :n_genes]
+    targeted = _targeted(adata, list(adata.var_names))[:, :n_genes]
+    train = adata.obs["split"].astype(str).to_numpy() == "train"
+    scores = regression_baseline_scores(y[train], targeted[train])
+    truth = adata.varp["true_adjacency"][:n_genes, :n_genes]
+    off = ~np.eye(n_genes, dtype=bool)
+    k = int((truth != 0).sum())
+    called = (scores >= np.sort(scores[off])[-k]) & off
+    topk = graph_metrics(truth, called.astype(float), 0.5)
+    return {"regression_auprc": graph_metrics(truth, scores, np.inf)["auprc"], "regression_shd_topk": topk["shd"],
+            "regression_f1_topk": topk["f1"], "regression_graph_genes_only": True}
+
+
 def run_one(n_genes: int, mechanism: str, seed: int, settings: dict, threshold: float, cells: int) -> dict:
     import torch
 
@@ -71,7 +96,7 @@ def run_one(n_genes: int, mechanism: str, seed: int, settings: dict, threshold: 
     import pyro_perturb as pp
     from pyro_perturb import contract
     from pyro_perturb.data.simulate_cyclic import cyclic_graph
-    from pyro_perturb.evaluate.graph_metrics import edge_auprc, graph_metrics, regression_baseline_scores
+    from pyro_perturb.evaluate.graph_metrics import edge_auprc, graph_metrics
     from pyro_perturb.normalize import log1p_normalize
 
     adata = cyclic_graph(seed=seed, n_genes=n_genes, mechanism=mechanism, cells_per_perturbation=cells,
@@ -91,29 +116,21 @@ def run_one(n_genes: int, mechanism: str, seed: int, settings: dict, threshold: 
     y = log1p_normalize(torch.as_tensor(x), torch.as_tensor(library)).numpy()
     targeted = _targeted(adata, genes)
     split = adata.obs["split"].astype(str).to_numpy()
-    train, test = split == "train", split == "test"
-    baseline = regression_baseline_scores(y[train], targeted[train])[:n_genes, :n_genes]
+    train = split == "train"
 
     out = {"n_genes": n_genes, "mechanism": mechanism, "seed": seed, "seconds": seconds,
            "epochs": len(run.history), "edge_density": float((truth != 0)[~np.eye(n_genes, dtype=bool)].mean()),
            "n_edges_true": int((truth != 0).sum())}
-    for name, scores in (("nodags", learned), ("regression", baseline)):
-        metrics = graph_metrics(truth, scores, threshold if name == "nodags" else np.inf)
-        out[f"{name}_auprc"] = metrics["auprc"]
-        if name == "nodags":
-            out.update({f"nodags_{k}": metrics[k] for k in ("shd", "precision", "recall", "f1", "n_edges_pred")})
-    # the baseline's scores are not on the model's scale: its SHD / F1 at its best cut
-    # would flatter it, so at the number of true edges (top-k) instead
+    metrics = graph_metrics(truth, learned, threshold)
+    out["nodags_auprc"] = metrics["auprc"]
+    out.update({f"nodags_{k}": metrics[k] for k in ("shd", "precision", "recall", "f1", "n_edges_pred")})
     k = out["n_edges_true"]
     off = ~np.eye(n_genes, dtype=bool)
-    cut = np.sort(baseline[off])[-k] if k else np.inf
-    called = (baseline >= cut) & off
-    reg = graph_metrics(truth, called.astype(float), 0.5)
-    out.update({"regression_shd_topk": reg["shd"], "regression_f1_topk": reg["f1"]})
     cut = np.sort(learned[off])[-k] if k else np.inf
     out["nodags_f1_topk"] = graph_metrics(truth, ((learned >= cut) & off).astype(float), 0.5)["f1"]
     out["nodags_auprc_all_genes"] = edge_auprc(truth_all, learned_all)
     out["chance_shd"] = k
+    out.update(regression_metrics(adata, n_genes))
 
     per_cell = -run.iwelbo(data, "test", num_particles=1)
     test_idx = data.indices("test")
@@ -127,6 +144,37 @@ def run_one(n_genes: int, mechanism: str, seed: int, settings: dict, threshold: 
     return out
 
 
+def run_other(model: str, n_genes: int, mechanism: str, seed: int, threshold: float, cells: int) -> dict:
+    """Another gene-graph model of the zoo (e.g. ``dcdfg``, a DAG model) on the same data,
+    at its registry defaults: AUPRC, SHD / F1 (its edge probabilities > 0.5, else
+    strengths > ``threshold``), top-k F1 and test I-NLL."""
+    import torch
+
+    torch.set_num_threads(1)
+    import pyro_perturb as pp
+    from pyro_perturb import contract
+    from pyro_perturb.data.simulate_cyclic import cyclic_graph
+    from pyro_perturb.evaluate.graph_metrics import graph_metrics
+
+    adata = cyclic_graph(seed=seed, n_genes=n_genes, mechanism=mechanism, cells_per_perturbation=cells,
+                         n_control_cells=2 * cells, n_doubles=5)
+    data = pp.PerturbationData.from_anndata(adata)
+    start = time.perf_counter()
+    run = pp.fit(data, model=model, progress=False, device="cpu", seed=seed)
+    seconds = time.perf_counter() - start
+    truth = adata.varp["true_adjacency"][:n_genes, :n_genes]
+    graph = contract.adjacency(run.model)
+    learned = graph.weights[:n_genes, :n_genes]
+    metrics = graph_metrics(truth, learned, 0.5 if graph.is_probability else threshold)
+    off = ~np.eye(n_genes, dtype=bool)
+    k = int((truth != 0).sum())
+    cut = np.sort(learned[off])[-k]
+    topk = graph_metrics(truth, ((learned >= cut) & off).astype(float), 0.5)
+    return {"model": model, "n_genes": n_genes, "mechanism": mechanism, "seed": seed, "seconds": seconds,
+            "auprc": metrics["auprc"], "shd": metrics["shd"], "f1": metrics["f1"], "f1_topk": topk["f1"],
+            "inll": float(-run.iwelbo(data, "test", num_particles=1).mean())}
+
+
 COLUMNS = [
     ("nodags_auprc", "NODAGS AUPRC"), ("regression_auprc", "regression AUPRC"), ("edge_density", "chance AUPRC"),
     ("nodags_shd", "NODAGS SHD"), ("regression_shd_topk", "regression SHD (top-k)"), ("chance_shd", "empty-graph SHD"),
@@ -138,7 +186,24 @@ COLUMNS = [
 ]
 
 
-def summarize(rows: list[dict], out: Path, command: str, threshold: float) -> str:
+def _other_table(others: list[dict]) -> str:
+    groups: dict = {}
+    for row in others:
+        groups.setdefault((row["model"], row["n_genes"], row["mechanism"]), []).append(row)
+    keys = [("auprc", "AUPRC"), ("shd", "SHD"), ("f1", "F1"), ("f1_topk", "F1 (top-k)"), ("inll", "I-NLL test"),
+            ("seconds", "train s")]
+    lines = ["| model | genes | SEM | seeds | " + " | ".join(label for _, label in keys) + " |",
+             "|" + " --- |" * (4 + len(keys))]
+    for (model, n, mech), items in sorted(groups.items()):
+        cells = []
+        for key, _ in keys:
+            v = np.array([r[key] for r in items], dtype=float)
+            cells.append(f"{v.mean():.3g} ± {v.std(ddof=1):.2g}" if len(v) > 1 else f"{v.mean():.3g}")
+        lines.append(f"| {model} | {n} | {mech} | {len(items)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def summarize(rows: list[dict], out: Path, command: str, threshold: float, others: list[dict] | None = None) -> str:
     groups: dict = {}
     for row in rows:
         groups.setdefault((row["n_genes"], row["mechanism"]), []).append(row)
@@ -156,6 +221,10 @@ def summarize(rows: list[dict], out: Path, command: str, threshold: float) -> st
         csv.append(f"{n},{mech},{len(items)}," + ",".join(values))
     (out / "summary.csv").write_text("\n".join(csv) + "\n")
     table = "\n".join(lines)
+    other_text = ""
+    if others:
+        other_text = ("Other gene-graph models of the zoo on the same data, at their registry defaults "
+                      "(graph genes; SHD / F1 of edge probabilities > 0.5):\n\n" + _other_table(others) + "\n")
     text = f"""# NODAGS-Flow on cyclic graphs (bench/graph_nodags.py)
 
 Command: `{command}`
@@ -168,6 +237,7 @@ the held-out double knockdowns only.
 
 {table}
 
+{other_text}
 Raw per-run results: `runs/*.json`; this table: `summary.csv`.
 """
     (out / "README.md").write_text(text)
@@ -188,7 +258,15 @@ def main(args) -> None:
             for seed in args.seeds:
                 path = out / "runs" / f"g{n_genes}_{mechanism}_seed{seed}.json"
                 if path.exists() and not args.force:
-                    rows.append(json.loads(path.read_text()))
+                    row = json.loads(path.read_text())
+                    if not row.get("regression_graph_genes_only"):  # an earlier baseline: redo it (no training)
+                        from pyro_perturb.data.simulate_cyclic import cyclic_graph
+
+                        adata = cyclic_graph(seed=seed, n_genes=n_genes, mechanism=mechanism,
+                                             cells_per_perturbation=args.cells, n_control_cells=2 * args.cells, n_doubles=5)
+                        row.update(regression_metrics(adata, n_genes))
+                        path.write_text(json.dumps(row, indent=1))
+                    rows.append(row)
                     continue
                 row = run_one(n_genes, mechanism, seed, settings, args.threshold, args.cells)
                 row["settings"] = settings
@@ -196,8 +274,21 @@ def main(args) -> None:
                 print(json.dumps({k: row[k] for k in ("n_genes", "mechanism", "seed", "nodags_auprc", "regression_auprc",
                                                       "edge_density", "nodags_shd", "inll_nodags", "inll_no_edge")}), flush=True)
                 rows.append(row)
+    others = []
+    for model in args.others:
+        for n_genes in args.sizes:
+            for mechanism in args.mechanisms:
+                for seed in args.seeds:
+                    path = out / "runs" / f"g{n_genes}_{mechanism}_seed{seed}_{model}.json"
+                    if path.exists() and not args.force:
+                        others.append(json.loads(path.read_text()))
+                        continue
+                    row = run_other(model, n_genes, mechanism, seed, args.threshold, args.cells)
+                    path.write_text(json.dumps(row, indent=1))
+                    print(json.dumps(row), flush=True)
+                    others.append(row)
     command = "python bench/graph_nodags.py " + " ".join(sys.argv[1:])
-    print(summarize(rows, out, command, args.threshold))
+    print(summarize(rows, out, command, args.threshold, others))
 
 
 def parse_args(argv=None):
@@ -208,6 +299,7 @@ def parse_args(argv=None):
     p.add_argument("--cells", type=int, default=200, help="cells per knockdown (controls: twice as many)")
     p.add_argument("--threshold", type=float, default=0.1, help="edge strength above which NODAGS calls an edge")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="training setting or hyperparameter of nodags")
+    p.add_argument("--others", nargs="*", default=[], help="other gene-graph models to run on the same data (e.g. dcdfg)")
     p.add_argument("--quick", action="store_true", help="10 genes, linear, seed 0, 30 epochs")
     p.add_argument("--force", action="store_true", help="re-run finished runs")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "graph_nodags"))
