@@ -15,8 +15,8 @@ import os
 import sys
 from pathlib import Path
 
-SIMULATORS = {"sparse-shift": "sparse_shift", "combinatorial": "combinatorial", "factorized": "factorized", "causal-dag": "causal_dag"}
-SIMULATORS["cyclic-graph"] = "cyclic_graph"
+SIMULATORS = {"sparse-shift": "sparse_shift", "combinatorial": "combinatorial", "factorized": "factorized", "causal-dag": "causal_dag",
+              "cyclic-graph": "cyclic_graph"}
 
 
 class UsageError(ValueError):

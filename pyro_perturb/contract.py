@@ -82,14 +82,10 @@ does not define the member.
     weights, entry ``[i, j]`` the edge from gene i to gene j (``Run.adjacency``);
     :func:`has_adjacency` tells it of a model class before it is built.
 :func:`bind_model` (guide ``bind_model(model) -> None``; default: nothing)
-    A guide that reads its model's point estimates (DCD-FG's factor values for
-    ``posterior_latents``) is handed the model once, when the pair is built.
+    A guide that reads its model's point estimates (DCD-FG's factor values, NODAGS-Flow's
+    SEM noise, for ``posterior_latents``) is handed the model once, when the pair is built.
 :func:`transfer_parameters` (model and guide ``transfer_parameters(label_codes, reset=True) -> [(parameter, rows)]``; default [])
     What an out-of-distribution transfer fits for held-out labels.
-:func:`bind_pair` (guide ``bind_model(model) -> None``; default: nothing)
-    A guide whose ``posterior_latents`` is computed by the model's own networks (a model
-    without latent sites, NODAGS-Flow: the cell's SEM noise) is given the model once
-    the pair is built (:func:`pyro_perturb.registry.build` calls it).
 
 :func:`latent_blocks` reads the optional blocks of ``posterior_latents``;
 :func:`check_pair` checks a built pair against all of the above (the zoo's tests run it on
@@ -344,13 +340,6 @@ def transfer_parameters(
     return pairs
 
 
-def bind_pair(model: ZooModel, guide: ZooGuide) -> None:
-    """Give the guide its model when it asks for it (``guide.bind_model(model)``)."""
-    fn = _member(guide, "bind_model")
-    if fn is not None:
-        fn(model)
-
-
 def latent_blocks(latents: Mapping[str, Any]) -> dict[str, Any]:
     """The named blocks of a ``posterior_latents`` (or ``Run.latents``) output: every
     entry but ``"X_latent"``, keyed without the ``"X_"`` prefix (FCR: ``zx``, ``zt``,
@@ -469,7 +458,6 @@ __all__ = [
     "as_array",
     "auxiliary_loss",
     "bind_model",
-    "bind_pair",
     "cached_posterior",
     "check_pair",
     "composes",

@@ -416,9 +416,11 @@ register(
     )
 )
 
-# ---------------------------------------------------------------- gene-graph models
-# NODAGS-Flow (docs/models.md, "NODAGS-Flow"): no latents, penalised maximum likelihood;
-# training defaults chosen on the cyclic simulator: see NODAGS_TRAIN_DEFAULTS in pyro_perturb/models/nodags.py, plus the step budget above.
+
+# ---------------------------------------------------------------- NODAGS-Flow (docs/models.md, "NODAGS-Flow")
+# No latents, penalised maximum likelihood. Training defaults: see NODAGS_TRAIN_DEFAULTS in
+# pyro_perturb/models/nodags.py (chosen on the cyclic simulator, bench/graph_nodags.py),
+# plus the step budget above.
 from .models.nodags import NODAGS_TRAIN_DEFAULTS  # noqa: E402
 
 register(

@@ -27,7 +27,7 @@ SMALL_SIMS = {
 }
 TINY_HP = {"n_latent": 4, "n_hidden": 16}
 #: gene-graph models whose sparsity penalty enters the loss as an auxiliary loss
-PENALISED_GRAPH_MODELS = ("nodags",)
+PENALISED_GRAPH_MODELS = ("dcdfg", "nodags")
 NAMES = [entry.name for entry in list_models()]
 
 
@@ -86,7 +86,7 @@ def test_pair_meets_the_contract(name, datasets):
     assert contract.composes(model) is (entry.default_data != "sparse_shift")
     settings = contract.optimizer_settings(model, guide)
     assert (settings.adversary is not None) is (name == "fcr")
-    assert (contract.auxiliary_loss(model) is not None) is (name in ("fcr", "dcdfg", *PENALISED_GRAPH_MODELS))
+    assert (contract.auxiliary_loss(model) is not None) is (name in ("fcr", *PENALISED_GRAPH_MODELS))
     width = contract.treatment_network_width(guide)
     assert width == (max(hparams["n_hidden"], 2 * hparams["n_latent"]) if name == "sams_vae" else 0)
     scores = contract.target_scores(model, guide)

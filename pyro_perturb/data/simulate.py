@@ -905,6 +905,4 @@ def factorized(
     return adata
 
 from pyro_perturb.data.simulate_dag import causal_dag  # noqa: E402,F401  (gene-graph DAG simulator)
-
-# gene-graph simulators (NODAGS-Flow): cyclic structural equation models with their true graph
-from pyro_perturb.data.simulate_cyclic import cyclic_graph  # noqa: E402,F401
+from pyro_perturb.data.simulate_cyclic import cyclic_graph  # noqa: E402,F401  (gene-graph cyclic simulator)

@@ -102,6 +102,7 @@ def cyclic_graph(
     knockdown_level: float = -2.0,
     knockdown_sd: float = 0.5,
     library_size: float = 2e4,
+    background_share: float = 0.9,
 ):
     """A cyclic-SEM perturbation screen with its true graph (module docstring).
 
@@ -116,10 +117,16 @@ def cyclic_graph(
         noise_scale: sd of the SEM noise.
         knockdown_level, knockdown_sd: the targeted gene's value ``c ~ N(level, sd^2)``.
         library_size: mean counts per cell.
+        background_share: when > 0, one more gene, ``"background"``, outside the graph
+            (no edge, never targeted, SEM value constant) holding about this share of each
+            cell's counts: it stands for the rest of the transcriptome. Without it the
+            normalisation by total counts couples the graph's genes (a knockdown raises
+            every other gene's share: on 10 genes a dense artefact of each knockdown).
 
     Returns:
-        AnnData: ``X`` counts, ``obs["perturbation"]`` (gene name, ``"A+B"``, or
-        ``"control"``), ``obs["split"]``, ``varp["true_adjacency"]`` the weights ``W``,
+        AnnData: ``X`` counts (G genes, plus ``"background"`` last), ``obs["perturbation"]``
+        (gene name, ``"A+B"``, or ``"control"``), ``obs["split"]``, ``varp["true_adjacency"]``
+        the weights ``W`` (zero row and column for the background),
         ``layers["sem"]`` the values ``v``, ``uns["ground_truth"]`` with the settings,
         ``"bias"`` (nonlinear), ``"lipschitz_bound"`` (``||W||_2``) and ``"doubles"``.
     """
@@ -154,6 +161,17 @@ def cyclic_graph(
     noise = noise_scale * cell_rng.standard_normal((n_cells, n_genes))
     values = solve_sem(sem_map(weights, bias, mechanism), targeted, levels, noise)
 
+    adjacency = weights
+    if background_share > 0:
+        if not background_share < 1:
+            raise ValueError(f"background_share must be in [0, 1), got {background_share}")
+        # constant: its counts do not follow the graph's genes, so their total stops
+        # tracking their composition (a share fixed per cell would not dilute anything)
+        level = np.log(background_share / (1 - background_share)) + np.log(np.exp(values).mean(0).sum())
+        values = np.c_[values, np.full(n_cells, level)]
+        genes = genes + ["background"]
+        adjacency = np.zeros((n_genes + 1, n_genes + 1))
+        adjacency[:n_genes, :n_genes] = weights
     counts, library = counts_from_sem(values, count_rng, library_size=library_size)
     split = random_split(n_cells, seed=int(split_rng.integers(2**31)))
     is_double = np.array([str(lab).count("+") == 1 for lab in labels])
@@ -164,7 +182,7 @@ def cyclic_graph(
             "seed": seed, "n_genes": n_genes, "expected_degree": expected_degree, "mechanism": mechanism,
             "cells_per_perturbation": cells_per_perturbation, "n_control_cells": n_control_cells,
             "n_doubles": n_doubles, "noise_scale": noise_scale, "knockdown_level": knockdown_level,
-            "knockdown_sd": knockdown_sd, "library_size": library_size,
+            "knockdown_sd": knockdown_sd, "library_size": library_size, "background_share": background_share,
         },
         "lipschitz_bound": lipschitz,
         "doubles": [f"{genes[a]}+{genes[b]}" for a, b in doubles],
@@ -172,7 +190,7 @@ def cyclic_graph(
     }
     if bias is not None:
         ground_truth["bias"] = bias.astype(np.float32)
-    adata = graph_anndata(counts, labels, genes, weights, values, ground_truth)
+    adata = graph_anndata(counts, labels, genes, adjacency, values, ground_truth)
     adata.obs["split"] = np.asarray(split, dtype=object)
     adata.obs["split"] = adata.obs["split"].astype("category")
     return adata
