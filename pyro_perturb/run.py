@@ -199,6 +199,11 @@ class Run:
     def encode(self, data, **options) -> PerturbationData:
         """Encode ``data`` (AnnData, path, or PerturbationData) with this run's vocabulary."""
         if isinstance(data, PerturbationData):
+            if data.spec.perturbations != self.spec.perturbations and data.spec.genes == self.spec.genes:
+                # e.g. the data a gene-graph model was given, before every gene joined its vocabulary
+                from .data.targets import with_perturbation_vocabulary
+
+                return with_perturbation_vocabulary(data, self.spec.perturbations)
             return data
         if isinstance(data, (str, os.PathLike)):
             data = read_data(data)

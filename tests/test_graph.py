@@ -361,3 +361,17 @@ def test_cli_evaluate_dcdfg_on_builtin_data(tmp_path):
     graph = json.loads(out.read_text())["graph"]
     assert graph["edges"]["threshold_rule"] == "probability > 0.5" and 0 <= graph["edges"]["auprc"] <= 1
     assert graph["inll_heldout"]["n_cells"] > 0 and (tmp_path / PER_LABEL_CSV).exists()
+
+
+def test_run_encodes_data_of_the_narrower_vocabulary(graph_run, chain_file):
+    """Data encoded before every gene joined the vocabulary are re-encoded over it."""
+    import anndata as ad
+
+    narrow = PerturbationData.from_anndata(ad.read_h5ad(chain_file))
+    wide = graph_run.encode(narrow)
+    assert wide.spec.perturbations == graph_run.spec.perturbations and wide.dosage.shape[1] == 5
+    assert np.isfinite(graph_run.iwelbo(narrow, split=None, num_particles=1)).all()
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        from pyro_perturb.data.targets import with_perturbation_vocabulary
+
+        with_perturbation_vocabulary(narrow, ["g0"])

@@ -85,10 +85,21 @@ def with_gene_perturbations(data: PerturbationData) -> PerturbationData:
     the added genes (columns follow :func:`gene_perturbation_vocabulary`); the label
     vocabulary, counts and split are ``data``'s (shared, not copied).
     """
+    return with_perturbation_vocabulary(data, gene_perturbation_vocabulary(data.spec))
+
+
+def with_perturbation_vocabulary(data: PerturbationData, vocabulary: list[str]) -> PerturbationData:
+    """``data`` re-encoded over a wider vocabulary of single perturbations (its dosage
+    columns moved to theirs, zero columns for the others); ``data`` itself when the
+    vocabulary is already its own. A perturbation of ``data`` outside ``vocabulary`` is a
+    ``ValueError`` naming it."""
     spec = data.spec
-    vocabulary = gene_perturbation_vocabulary(spec)
+    vocabulary = list(vocabulary)
     if vocabulary == list(spec.perturbations):
         return data
+    missing = [p for p in spec.perturbations if p not in set(vocabulary)]
+    if missing:
+        raise ValueError(f"the data's perturbations {missing[:5]} are not in the vocabulary of {len(vocabulary)} perturbations")
     column = {p: j for j, p in enumerate(vocabulary)}
     old_to_new = np.array([column[p] for p in spec.perturbations], dtype=np.int64)
     coo = data.dosage.tocoo()
