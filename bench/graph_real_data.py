@@ -162,6 +162,17 @@ def one_run(adata, model: str, fold: int, seed: int, args) -> dict:
     }
 
 
+#: the edges of the pathway table: the pathway genes and the interferon-stimulated ones
+_PATHWAY_TARGETS = ("IFNGR2", "JAK2", "STAT1", "STAT2", "STAT3", "UBE2L6", "TNFRSF14", "PSMB9", "APOBEC3G")
+
+
+def _targets_of(block: dict) -> dict:
+    """``{target: weight}`` of a run's edges out of one source, for :data:`_PATHWAY_TARGETS`."""
+    values = {e["target"]: e["weight"] for e in block["top"]}
+    values.update({g: v["weight"] for g, v in block["known"].items()})
+    return {g: w for g, w in values.items() if g in _PATHWAY_TARGETS}
+
+
 def summarize(out: Path) -> str:
     runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
     if not runs:
@@ -177,6 +188,29 @@ def summarize(out: Path) -> str:
             f"| {r['test_inll_model']:.2f} | {r['test_inll_no_edge']:.2f} "
             f"| {r['test_inll_model'] - r['test_inll_no_edge']:+.2f} ({r['test_delta_se']:.2f}) "
             f"| {r['val_inll_model'] - r['val_inll_no_edge']:+.2f} | {r['fit_s']:.0f} |")
+    lines += ["", "## Mean over folds and seeds", "",
+              "| model | runs | test I-NLL | no-edge | model - no-edge (range over runs) | val: model - no-edge |",
+              "|---|---|---|---|---|---|"]
+    by_model: dict = {}
+    for r in runs:
+        by_model.setdefault(r["model"], []).append(r)
+    for model, rs in sorted(by_model.items()):
+        deltas = [r["test_inll_model"] - r["test_inll_no_edge"] for r in rs]
+        lines.append(
+            f"| {model} | {len(rs)} | {np.mean([r['test_inll_model'] for r in rs]):.2f} "
+            f"| {np.mean([r['test_inll_no_edge'] for r in rs]):.2f} | {np.mean(deltas):+.2f} ({min(deltas):+.2f} to {max(deltas):+.2f}) "
+            f"| {np.mean([r['val_inll_model'] - r['val_inll_no_edge'] for r in rs]):+.2f} |")
+    lines += ["", "## Pathway edges over runs (where the source's knockout was trained on; an edge is listed in a run when among the source's top 10 or a known target: min to max weight, runs listed)", "",
+              "| model | edge | weights | runs |", "|---|---|---|---|"]
+    edges: dict = {}
+    for r in runs:
+        for source, block in r["pathway"].items():
+            if source in r["heldout"]:
+                continue
+            for target, value in _targets_of(block).items():
+                edges.setdefault((r["model"], source, target), []).append(value)
+    for (model, source, target), values in sorted(edges.items()):
+        lines.append(f"| {model} | {source} -> {target} | {min(values):+.3f} to {max(values):+.3f} | {len(values)} |")
     lines += ["", "## Per held-out knockout (mean over seeds)", "",
               "| model | knockout | cells | model I-NLL | no-edge I-NLL | model - no-edge |", "|---|---|---|---|---|---|"]
     per: dict = {}
