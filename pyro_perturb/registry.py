@@ -82,6 +82,7 @@ HYPERPARAMETER_RANGES: dict[str, Bounds | tuple[str, ...]] = {
     # gene-graph models (DCD-FG)
     "unmatched_targets": UNMATCHED_TARGETS,
     "conditional": CONDITIONALS,
+    "mask_init": Bounds(0.0, 0.5),
     "sparsity": NON_NEGATIVE,
     "constraint_mu_init": POSITIVE,
     "constraint_growth": Bounds(1.0, None, closed=True),
