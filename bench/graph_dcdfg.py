@@ -151,6 +151,72 @@ def run_accuracy(args) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------------------- diagnosis
+
+
+def _fixed_structure_fit(data, u, v, steps: int, seed: int):
+    """DCD-FG with its masks frozen at (u, v) (G x m, m x G 0/1), weights fitted by the
+    NLL alone (Adam, lr 1e-2, batch 256)."""
+    import numpy as np
+    import pyro
+    import torch
+
+    from pyro_perturb.infer.engine import make_elbo
+    from pyro_perturb.registry import build
+
+    torch.manual_seed(seed)
+    pyro.set_rng_seed(seed)
+    model, guide, _ = build("dcdfg", data.spec, {"n_factors": u.shape[1]}, gene_stats=data.gene_stats())
+    logits = torch.zeros(model.mask_logits.shape)
+    logits[..., 2] = 10.0
+    logits[..., 0] += 20.0 * u
+    logits[..., 1] += 20.0 * v.T
+    model.mask_logits.data.copy_(logits)
+    model.mask_logits.requires_grad_(False)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    elbo = make_elbo("trace", 1, 1)
+    idx = data.indices("train")
+    rng = np.random.default_rng(seed)
+    for _ in range(steps):
+        batch = data.batch(rng.choice(idx, 256), n_cells=len(idx))
+        loss = elbo.differentiable_loss(model, guide, batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model
+
+
+def run_diagnosis(args) -> dict:
+    """Is a weak graph the likelihood's fault or the optimisation's? On one data set: the
+    test I-NLL of DCD-FG fitted with the true factor structure frozen, with the reversed
+    structure (every edge turned around) frozen, and of the default fit; and the default
+    fit's precision against the truth and against the transposed truth."""
+    import torch
+
+    import pyro_perturb as pp
+    from pyro_perturb.evaluate.graph_metrics import edge_precision_recall_f1
+
+    seed = args.diagnose_seed
+    adata = _simulate(args, seed, "linear")
+    truth = adata.varp["true_adjacency"] != 0
+    data = pp.PerturbationData.from_anndata(adata)
+    u = torch.as_tensor(adata.uns["ground_truth"]["factor_inputs"]).float()
+    v = torch.as_tensor(adata.uns["ground_truth"]["factor_outputs"]).float()
+    out = {"data": "linear", "seed": seed, "genes": args.genes, "no_edge_i_nll": _no_edge_inll(data)}
+    out["true_structure_i_nll"] = _model_inll(_fixed_structure_fit(data, u, v, args.steps // 2, seed), data)
+    out["reversed_structure_i_nll"] = _model_inll(_fixed_structure_fit(data, v.T, u.T, args.steps // 2, seed), data)
+    run = pp.fit(data, model="dcdfg", progress=False, device="cpu", seed=seed, max_steps=args.steps,
+                 val_every_steps=max(1, args.steps // 20))
+    learned = run.model.dag_adjacency()
+    out["learned_i_nll"] = _model_inll(run.model, data)
+    out["learned_vs_truth"] = edge_precision_recall_f1(truth, learned)
+    out["learned_vs_reversed_truth"] = edge_precision_recall_f1(truth.T, learned)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "diagnosis.json").write_text(json.dumps(out, indent=1))
+    print(json.dumps(out), flush=True)
+    return out
+
+
 # ---------------------------------------------------------------------------- speed
 
 
@@ -230,6 +296,31 @@ def _fmt(v, digits=3):
     return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
 
+NOTES = [
+    "## Reading", "",
+    "* DCD-FG fits the interventional distribution of unseen knockouts much better than independent "
+    "genes (I-NLL above: linear data 79.5 vs 86.3, MLP data 90.7 vs 185.2 nats per cell), but its graph "
+    "recovers the true edges worse than the ridge-regression baseline: on linear data AUPRC 0.10 and "
+    "F1 0.16 (one seed of three good: AUPRC 0.23, F1 0.38) against 0.30 / 0.32; on MLP data near chance. "
+    "DCD-FG loses this comparison at this size and budget.",
+    "* The diagnosis says why: the likelihood prefers the true structure (its frozen fit beats the learned "
+    "graph and the reversed structure on held-out knockouts), but the optimisation from the authors' uniform "
+    "masks through the augmented Lagrangian often settles on a globally reversed graph (most called edges "
+    "are true edges turned around). Tried on the same data, 3,000 steps each: a slower constraint schedule "
+    "(`constraint_every=200`) recovered the right direction on seed 1 (AUPRC 0.37) but not on seeds 0 and "
+    "2 (0.23; empty graph); `constraint_growth=2`, `sparsity=0.01`, `n_factors=10` stayed reversed; a "
+    "sparse start (`mask_init` 0.05 or 0.15) did not help. Not done: restarts, much longer training, the "
+    "authors' second phase (fine-tuning the thresholded graph).",
+    "* The paper's setting is 100 variables, 10 modules, 50,000 samples over 100 intervention regimes "
+    "(1-3 targets each; here one knockout per gene, 50 cells each, 5,500 cells), fitted with 20 modules "
+    "by RMSprop to convergence then fine-tuned. The paper's table values could not be read from the "
+    "references available offline in this session, so none is quoted beside ours.",
+    "* Speed: one training step is linear in G (O(G m) masks and products; the acyclicity constraint is a "
+    "power iteration on the m x m factor graph); memory above the data stays under 150 MiB at 5,000 genes.",
+    "",
+]
+
+
 def write_report(args, rows: list[dict], speed: list[dict]) -> None:
     import numpy as np
     import pandas as pd
@@ -279,6 +370,21 @@ def write_report(args, rows: list[dict], speed: list[dict]) -> None:
                 (g0, t0), (g1, t1) = sorted(d.items())[0], sorted(d.items())[-1]
                 lines.append(f"\n{cond}: time grows {t1 / t0:.2f}x from {g0} to {g1} genes ({g1 / g0:.0f}x genes).")
         lines.append("")
+    diagnosis_path = out / "diagnosis.json"
+    if diagnosis_path.exists():
+        d = json.loads(diagnosis_path.read_text())
+        lines += [
+            f"## Diagnosis: likelihood or optimisation? (linear data, seed {d['seed']}, `--task diagnose`)", "",
+            "Test I-NLL (nats per cell) of DCD-FG with its factor masks frozen at the true structure, at the "
+            "reversed structure (every edge turned around), and of the default fit:", "",
+            "| no edges | true structure | reversed structure | default fit |", "|---|---|---|---|",
+            f"| {d['no_edge_i_nll']:.2f} | {d['true_structure_i_nll']:.2f} | {d['reversed_structure_i_nll']:.2f} | "
+            f"{d['learned_i_nll']:.2f} |", "",
+            f"The default fit's graph: precision {d['learned_vs_truth']['precision']:.2f} against the truth, "
+            f"{d['learned_vs_reversed_truth']['precision']:.2f} against the transposed truth "
+            f"({d['learned_vs_truth']['n_edges_pred']} edges called).", "",
+        ]
+    lines += NOTES
     (out / "README.md").write_text("\n".join(lines) + "\n")
 
 
@@ -289,6 +395,8 @@ def main(args) -> int:
     if args.quick:
         args.genes, args.seeds, args.steps, args.cells = 30, [0], 500, 20
         args.speed_genes, args.speed_steps = [1000], 5
+    if args.task == "diagnose":
+        run_diagnosis(args)
     rows = run_accuracy(args) if args.task in ("accuracy", "all") else []
     speed_path = Path(args.out) / "speed.json"
     speed = run_speed(args) if args.task in ("speed", "all") else (json.loads(speed_path.read_text()) if speed_path.exists() else [])
@@ -304,7 +412,8 @@ def main(args) -> int:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--task", choices=("accuracy", "speed", "all"), default="all")
+    p.add_argument("--task", choices=("accuracy", "speed", "diagnose", "report", "all"), default="all")
+    p.add_argument("--diagnose-seed", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "graph_dcdfg"))
     p.add_argument("--genes", type=int, default=100)
     p.add_argument("--cells", type=int, default=50, help="cells per knockout (controls: 10x)")
