@@ -324,6 +324,7 @@ def main(args) -> None:
                 print(json.dumps({k: row[k] for k in ("n_genes", "mechanism", "seed", "nodags_auprc", "regression_auprc",
                                                       "edge_density", "nodags_shd", "inll_nodags", "inll_no_edge")}), flush=True)
                 rows.append(row)
+    done = set()
     others = []
     for model in args.others:
         for n_genes in args.sizes:
@@ -337,6 +338,12 @@ def main(args) -> None:
                     path.write_text(json.dumps(row, indent=1))
                     print(json.dumps(row), flush=True)
                     others.append(row)
+                    done.add(path.name)
+    # other models' runs of earlier invocations are summarised too
+    for path in sorted((out / "runs").glob("*.json")):
+        row = json.loads(path.read_text())
+        if "model" in row and path.name not in done and row not in others:
+            others.append(row)
     if args.figure:
         print("figure:", adjacency_figure(out, args.sizes[0], args.mechanisms[0], args.seeds[0], settings, args.cells))
     command = "python bench/graph_nodags.py " + " ".join(sys.argv[1:])
