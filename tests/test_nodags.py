@@ -10,6 +10,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from pyro import poutine
 
 import pyro_perturb as pp
 from pyro_perturb import contract
@@ -28,7 +29,8 @@ def _map(n_genes: int = 6, mechanism: str = "mlp", lipschitz: float = 0.9, seed:
 
 
 def _jacobians(fn, s: torch.Tensor) -> torch.Tensor:
-    return torch.func.vmap(torch.func.jacrev(fn))(s)
+    """``(N, G, G)`` by plain autograd (torch.func's first call costs seconds)."""
+    return torch.stack([torch.autograd.functional.jacobian(fn, row) for row in s])
 
 
 @pytest.mark.parametrize("mechanism", ["mlp", "linear"])
@@ -42,14 +44,17 @@ def test_power_series_logdet_matches_slogdet(mechanism):
     observed[1, 2] = observed[3, [0, 4]] = 0.0
     exact = exact_logdet(fn, s, observed)
     jac = _jacobians(fn, s)
+    torch.testing.assert_close(fn.jacobian(s), jac)  # the closed form
     by_hand = torch.linalg.slogdet(torch.eye(6) - observed.unsqueeze(-1) * jac).logabsdet
     torch.testing.assert_close(exact, by_hand)
     torch.manual_seed(2)
-    estimate, out = power_series_logdet(fn, s.repeat(4000, 1), observed.repeat(4000, 1), n_terms=40, create_graph=False)
+    estimate, out = power_series_logdet(fn, s.repeat(2000, 1), observed.repeat(2000, 1), n_terms=30, create_graph=False)
     torch.testing.assert_close(out[:4], fn(s))
-    estimate = estimate.reshape(4000, 4)
-    standard_error = estimate.std(0) / 4000**0.5
+    estimate = estimate.reshape(2000, 4)
+    standard_error = estimate.std(0) / 2000**0.5
     assert ((estimate.mean(0) - exact).abs() < 4 * standard_error + 0.005).all(), (estimate.mean(0), exact, standard_error)
+    if mechanism == "mlp":  # the roulette tail is the same code for either map
+        return
     torch.manual_seed(3)
     roulette = torch.stack([power_series_logdet(fn, s.repeat(50, 1), observed.repeat(50, 1), n_terms=3, roulette=True,
                                                 create_graph=False)[0].reshape(50, 4) for _ in range(200)])
@@ -62,7 +67,7 @@ def test_power_series_logdet_matches_slogdet(mechanism):
 def test_map_is_contractive_before_and_after_training(mechanism):
     """||J_F(s)||_2 <= lipschitz everywhere we look, also after weights are pushed to grow."""
     fn = _map(mechanism=mechanism, lipschitz=0.7)
-    s = 3.0 * torch.randn(64, 6)
+    s = 3.0 * torch.randn(16, 6)
     assert torch.linalg.matrix_norm(_jacobians(fn, s), ord=2).max() <= 0.7 + 1e-5
     optimizer = torch.optim.Adam(fn.parameters(), lr=0.1)
     for _ in range(30):  # try to make F as steep as possible
@@ -141,7 +146,8 @@ def test_fixed_point_sampling_solves_the_sem(small):
     assert residual[~targeted].abs().max() < 1e-5
     torch.testing.assert_close(s[targeted], c[targeted])
     batch = _batch(adata, data, ["control", "gene_01"])
-    draws = model(replace(batch, x=None), observe=False)
+    trace = poutine.trace(model).get_trace(replace(batch, x=None), observe=False)
+    draws = trace.nodes["x"]["value"]
     assert draws.shape == (2, 7) and torch.isfinite(draws).all()
 
 

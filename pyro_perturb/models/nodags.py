@@ -144,6 +144,14 @@ class ContractiveGatedMap(nn.Module):
             return w.abs()
         return (w.norm(dim=1) * v.norm(dim=1, keepdim=True)).T
 
+    def jacobian(self, s: torch.Tensor) -> torch.Tensor:
+        """``J_F(s)`` ``(..., G, G)``, entry ``[j, i] = dF_j / ds_i``, in closed form."""
+        w, v = self.weights()
+        if v is None:
+            return w.T.expand(s.shape[:-1] + w.shape)
+        hidden = torch.tanh(torch.einsum("...i,jki->...jk", s, w) + self.b_hidden)
+        return torch.einsum("...jk,jki->...ji", (1.0 - hidden.square()) * v, w)
+
     def forward(self, s: torch.Tensor, weights: tuple | None = None) -> torch.Tensor:
         """``F(s)``: ``(..., G) -> (..., G)`` (``weights``: :meth:`weights`, to reuse them)."""
         w, v = self.weights() if weights is None else weights
@@ -195,9 +203,14 @@ def power_series_logdet(
 
 
 def exact_logdet(fn, s: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
-    """``log|det(I - U J_fn(s))|`` from the full Jacobian, ``(...)`` for ``s`` ``(..., G)``."""
+    """``log|det(I - U J_fn(s))|`` from the full Jacobian, ``(...)`` for ``s`` ``(..., G)``:
+    ``fn.jacobian(s)`` when the map has one (:class:`ContractiveGatedMap`), else by
+    ``torch.func``."""
     flat = s.detach().reshape(-1, s.shape[-1])
-    jac = torch.func.vmap(torch.func.jacrev(fn))(flat)  # (N, G_out, G_in)
+    if callable(getattr(fn, "jacobian", None)):
+        jac = fn.jacobian(flat)
+    else:
+        jac = torch.func.vmap(torch.func.jacrev(fn))(flat)  # (N, G_out, G_in)
     eye = torch.eye(s.shape[-1], dtype=s.dtype, device=s.device)
     matrix = eye - observed.reshape(-1, s.shape[-1]).unsqueeze(-1) * jac
     return torch.linalg.slogdet(matrix).logabsdet.reshape(s.shape[:-1])
