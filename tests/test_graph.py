@@ -222,6 +222,9 @@ def test_evaluate_reports_edges_and_inll(graph_run, tmp_path):
     block = results["graph"]
     assert block["edges"]["n_edges_true"] == 4 and block["edges"]["threshold_rule"] == "top-k (k = true edges = 4)"
     assert 0 <= block["edges"]["auprc"] <= 1 and block["edges"]["edge_density"] == pytest.approx(0.2)
+    # the ridge-regression baseline of the edges, scored the same way
+    baseline = block["edges_regression_baseline"]
+    assert baseline["threshold_rule"] == block["edges"]["threshold_rule"] and 0 <= baseline["auprc"] <= 1
     # the I-NLL is -IWELBO of the split, and the held-out block is the knockout of g2
     assert block["inll"]["test"]["inll_model"] == pytest.approx(-results["test"]["iwelbo"])
     assert block["inll_heldout"]["labels"] == ["g2"]

@@ -32,7 +32,7 @@ from ..contract import Adjacency
 from ..data import PerturbationData
 from ..data.simulate_graph import TRUE_ADJACENCY
 from ..data.targets import target_matrix
-from .graph_metrics import edge_auprc, edge_precision_recall_f1, structural_hamming_distance
+from .graph_metrics import edge_auprc, edge_precision_recall_f1, regression_baseline_scores, structural_hamming_distance
 
 #: the threshold of edge probabilities (an edge is called when its probability exceeds it)
 PROBABILITY_THRESHOLD = 0.5
@@ -45,6 +45,8 @@ _CHUNK = 4096
 PER_LABEL_CSV = "graph_inll_per_label.csv"
 #: file beside ``metrics.json``: the called edges, strongest first
 EDGES_CSV = "graph_edges.csv"
+#: training cells the regression baseline of the edges is fitted on (a seeded subsample above)
+REGRESSION_BASELINE_CELLS = 20_000
 
 
 # --------------------------------------------------------------------------- the graph as tables
@@ -238,6 +240,22 @@ def no_edge_baseline(data: PerturbationData, eval_idx: np.ndarray, train_split: 
     return np.concatenate(parts) if parts else np.zeros(0)
 
 
+def regression_baseline_metrics(data: PerturbationData, truth: np.ndarray, genes: list[str], seed: int = 0) -> dict:
+    """:func:`edge_metrics` of the ridge-regression baseline of the edges
+    (:func:`~pyro_perturb.evaluate.graph_metrics.regression_baseline_scores`: gene i's
+    coefficient when gene j is regressed on the others, as the score of i -> j) fitted on
+    up to :data:`REGRESSION_BASELINE_CELLS` training cells; called by the top-k rule."""
+    idx = data.indices("train")
+    if len(idx) > REGRESSION_BASELINE_CELLS:
+        idx = np.sort(np.random.default_rng(seed).choice(idx, REGRESSION_BASELINE_CELLS, replace=False))
+    parts = list(expression_chunks(data, idx))
+    y = np.concatenate([p[0] for p in parts])
+    targeted = np.concatenate([p[1] for p in parts])
+    scores = regression_baseline_scores(y, targeted)
+    order = [data.spec.genes.index(g) for g in genes]
+    return edge_metrics(truth, Adjacency(scores[np.ix_(order, order)], False, list(genes)))
+
+
 # --------------------------------------------------------------------------- the evaluator
 
 
@@ -276,7 +294,8 @@ def graph_evaluator(run, data: PerturbationData, results: dict, out_dir: Path | 
     """``evaluate`` hook of the gene-graph models (a model with ``adjacency()``).
 
     Adds ``results["graph"]``: ``"edges"`` (:func:`edge_metrics` against
-    ``varp["true_adjacency"]``, when the data has it), ``"inll"`` (per split:
+    ``varp["true_adjacency"]``, when the data has it) beside
+    ``"edges_regression_baseline"`` (:func:`regression_baseline_metrics`), ``"inll"`` (per split:
     :func:`_summary` of the model's ``-IWELBO`` beside the no-edge baseline on the same
     cells), ``"inll_heldout"`` (the test cells whose label has no training cell, the
     control excluded: held-out interventions) and ``"per_label"`` (the test split's
@@ -294,6 +313,8 @@ def graph_evaluator(run, data: PerturbationData, results: dict, out_dir: Path | 
     truth = true_adjacency(data, adjacency.genes)
     if truth is not None:
         block["edges"] = edge_metrics(truth, adjacency)
+        if len(data.indices("train")) > 1:
+            block["edges_regression_baseline"] = regression_baseline_metrics(data, truth, adjacency.genes, seed)
     n_true = None if truth is None else int(((truth != 0) & ~np.eye(len(truth), dtype=bool)).sum())
     called, rule = called_edges(adjacency, n_true)
 
@@ -352,6 +373,7 @@ __all__ = [
     "inll_per_label",
     "no_edge_baseline",
     "no_edge_nll",
+    "regression_baseline_metrics",
     "score_no_edge",
     "true_adjacency",
 ]
