@@ -36,7 +36,7 @@ steps only)::
 with ``h = rho(P_V P_U) / rho_0`` the spectral radius of the m x m matrix of expected
 masks ``P_V P_U`` (which equals that of the G x G expected gene graph ``P_U P_V``;
 power iteration with persistent vectors, so it costs O(G m^2) at any G), normalised by its
-value at initialisation. ``n_cells * G`` puts the penalty on the scale of the paper's loss
+value ``G m / 9`` at the uniform initialisation. ``n_cells * G`` puts the penalty on the scale of the paper's loss
 (their NLL is a mean over cells and genes; the ELBO sums them). The augmented-Lagrangian
 multiplier ``gamma`` and penalty weight ``mu`` are buffers (saved in checkpoints), updated
 every ``constraint_every`` training steps: ``gamma += mu h``; ``mu *= constraint_growth``
@@ -162,6 +162,8 @@ class DCDFGModel(PyroModule):
         n_hidden, n_layers: width and hidden layers of the factor MLPs (``"mlp"``; the
             paper: 16 and 2).
         mask_temperature: Gumbel-softmax temperature of the training masks.
+        mask_init: initial probability that a gene is an input (and, equally, an output)
+            of a factor; 1/3 (all three categories equally likely) is the authors' code's.
         sparsity: lambda, weight of the mean mask probability (the paper: 0.1).
         constraint_mu_init: initial augmented-Lagrangian penalty weight mu.
         constraint_growth: factor on mu when the constraint did not progress.
@@ -182,6 +184,7 @@ class DCDFGModel(PyroModule):
         n_hidden: int = 16,
         n_layers: int = 2,
         mask_temperature: float = 1.0,
+        mask_init: float = 1.0 / 3.0,
         sparsity: float = 0.1,
         constraint_mu_init: float = 1e-2,
         constraint_growth: float = 10.0,
@@ -206,7 +209,10 @@ class DCDFGModel(PyroModule):
         self.register_buffer("targets", target_matrix(spec, unmatched_targets), persistent=False)
 
         # mask logits per gene and factor: (input of the factor, output of it, neither)
-        self.mask_logits = nn.Parameter(torch.zeros(G, m, 3))
+        if not 0.0 < mask_init < 0.5:
+            raise ValueError(f"mask_init must be in (0, 0.5), got {mask_init!r}")
+        neither = math.log((1.0 - 2.0 * mask_init) / mask_init)
+        self.mask_logits = nn.Parameter(torch.tensor([0.0, 0.0, neither]).expand(G, m, 3).clone())
         self.factor_to_gene = nn.Parameter(torch.randn(m, G) / math.sqrt(m))
         self.gene_bias = nn.Parameter(torch.zeros(G))
         self.log_scale = nn.Parameter(torch.zeros(G))
@@ -229,10 +235,9 @@ class DCDFGModel(PyroModule):
         self.register_buffer("constraint_steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("power_u", torch.full((m,), 1.0 / math.sqrt(m)))
         self.register_buffer("power_v", torch.full((m,), 1.0 / math.sqrt(m)))
-        with torch.no_grad():
-            p_in, p_out = self.edge_probabilities()
-            radius, _, _ = power_iteration_radius(p_out @ p_in, self.power_u, self.power_v, 100)
-        self.register_buffer("constraint_scale", radius.detach().clamp_min(1e-6))
+        # h's unit: the radius when every gene is an input and an output of every factor
+        # with probability 1/3 (the authors' initialisation): G m / 9, whatever mask_init is
+        self.register_buffer("constraint_scale", torch.tensor(G * m / 9.0))
         # intervention levels (standardised units), accumulated over training cells
         self.register_buffer("level_sum", torch.zeros(spec.n_perturbations))
         self.register_buffer("level_count", torch.zeros(spec.n_perturbations))
@@ -289,7 +294,7 @@ class DCDFGModel(PyroModule):
         return radius
 
     def constraint(self) -> torch.Tensor:
-        """``h``: the spectral radius normalised by its value at initialisation."""
+        """``h``: the spectral radius in units of its value at the uniform masks (G m / 9)."""
         return self.spectral_radius() / self.constraint_scale
 
     def adjacency(self) -> Adjacency:
