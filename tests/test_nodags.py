@@ -155,6 +155,7 @@ def test_simulator_truth_has_cycles_and_sem_follows_it():
     adata = cyclic_graph(seed=3, n_genes=10, mechanism="nonlinear", cells_per_perturbation=30, n_control_cells=300)
     truth = adata.varp["true_adjacency"]
     assert truth.shape == (11, 11) and adata.var_names[-1] == "background"
+    assert list(adata.uns["ground_truth"]["graph_genes"]) == list(adata.var_names[:10])
     assert _has_cycle(truth) and not truth[-1].any() and not truth[:, -1].any()
     assert np.linalg.norm(truth, 2) < 1.0 and adata.uns["ground_truth"]["lipschitz_bound"] < 1.0
     weights = truth[:10, :10]

@@ -128,7 +128,8 @@ def cyclic_graph(
         (gene name, ``"A+B"``, or ``"control"``), ``obs["split"]``, ``varp["true_adjacency"]``
         the weights ``W`` (zero row and column for the background),
         ``layers["sem"]`` the values ``v``, ``uns["ground_truth"]`` with the settings,
-        ``"bias"`` (nonlinear), ``"lipschitz_bound"`` (``||W||_2``) and ``"doubles"``.
+        ``"bias"`` (nonlinear), ``"lipschitz_bound"`` (``||W||_2``), ``"graph_genes"`` (the
+        graph's nodes: every gene but the background) and ``"doubles"``.
     """
     if mechanism not in CYCLIC_MECHANISMS:
         raise ValueError(f"mechanism={mechanism!r}; choose one of {CYCLIC_MECHANISMS}")
@@ -185,6 +186,8 @@ def cyclic_graph(
             "knockdown_sd": knockdown_sd, "library_size": library_size, "background_share": background_share,
         },
         "lipschitz_bound": lipschitz,
+        # the graph's nodes (every gene but the background): where edge metrics are meaningful
+        "graph_genes": list(genes[:n_genes]),
         "doubles": [f"{genes[a]}+{genes[b]}" for a, b in doubles],
         "library": library.astype(np.float32),
     }
