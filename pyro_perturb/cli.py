@@ -1,6 +1,7 @@
 """The ``pyro-perturb`` command.
 
-Subcommands: ``models``, ``simulate``, ``fit``, ``evaluate``, ``predict``, ``transfer``, ``demo``.
+Subcommands: ``models``, ``simulate``, ``fit``, ``evaluate``, ``predict``, ``transfer``, ``demo``,
+``graph`` (the learned gene graph of a gene-graph model, as an edge list).
 Bad input (a missing column, an unknown perturbation, a non-count matrix, a bad
 setting) ends with a one-line ``error: ...`` on stderr and exit status 2.
 """
@@ -15,7 +16,7 @@ import sys
 from pathlib import Path
 
 SIMULATORS = {"sparse-shift": "sparse_shift", "combinatorial": "combinatorial", "factorized": "factorized",
-              "comparative": "comparative"}
+              "comparative": "comparative", "causal-dag": "causal_dag", "cyclic-graph": "cyclic_graph"}
 
 
 class UsageError(ValueError):
@@ -81,6 +82,11 @@ def cmd_fit(args) -> int:
         settings["n_latent"] = args.n_latent
     if args.covariate_keys is not None:
         settings["covariate_keys"] = [k for k in args.covariate_keys.split(",") if k]
+    if args.heldout_perturbations is not None:
+        heldout = [lab.strip() for lab in args.heldout_perturbations.split(",") if lab.strip()]
+        if not heldout:
+            raise UsageError("--heldout-perturbations expects comma-separated labels, e.g. 'A,B'")
+        settings["heldout_perturbations"] = heldout
     settings.setdefault("progress", sys.stderr.isatty() and not args.quiet)
     if args.backed and not args.data:
         raise UsageError("--backed needs --data FILE.h5ad")
@@ -206,6 +212,27 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_graph(args) -> int:
+    from .run import load_run
+
+    run = load_run(args.run_dir, device="cpu")
+    if args.top is not None and args.top < 1:
+        raise UsageError(f"--top must be >= 1, got {args.top}")
+    edges = run.edges(threshold=args.threshold, top=args.top)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    edges.to_csv(out, index=False)
+    message = f"wrote {out}: {len(edges)} edges"
+    if args.matrix is not None:
+        matrix = Path(args.matrix)
+        matrix.parent.mkdir(parents=True, exist_ok=True)
+        frame = run.adjacency(threshold=args.threshold)
+        frame.to_csv(matrix)
+        message += f"; {matrix}: {frame.shape[0]} x {frame.shape[1]} adjacency (rows: source genes)"
+    print(message)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyro-perturb", description="Pyro model zoo for single-cell perturbation data")
     from .version import __version__
@@ -249,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
         "add --set shuffle_block_size=64 for faster reads",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--heldout-perturbations", metavar="LABELS",
+                   help="comma-separated labels whose cells all form the test split (held-out interventions; "
+                   "the data must have no split column)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="model or training setting (repeatable)")
     p.set_defaults(func=cmd_fit)
 
@@ -314,6 +344,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.set_defaults(func=cmd_transfer)
+
+    p = sub.add_parser("graph", help="the learned gene graph of a gene-graph model (dcdfg, nodags) as an edge list CSV")
+    p.add_argument("run_dir")
+    p.add_argument("--out", required=True, help="edge list CSV: source, target, weight (strongest first)")
+    p.add_argument("--threshold", type=float,
+                   help="keep edges with |weight| above it (default: 0.5 for edge probabilities, 0 for magnitudes)")
+    p.add_argument("--top", type=int, help="keep the N strongest edges")
+    p.add_argument("--matrix", metavar="CSV", help="also write the genes x genes adjacency (rows: source genes; "
+                   "entries at or below --threshold set to 0)")
+    p.set_defaults(func=cmd_graph)
 
     p = sub.add_parser("demo", help="the main job on built-in data: simulate, fit, evaluate, plot")
     p.add_argument("--out", default="demo_out")

@@ -85,7 +85,11 @@ does not define the member.
     counterfactual (the model effects' ``basal="controls"``).
 :func:`adjacency` (model ``adjacency() -> Adjacency``; default None)
     The learned gene graph of a gene-graph model (DCD-FG, NODAGS-Flow): ``(G, G)``
-    weights, entry ``[i, j]`` the edge from gene i to gene j (``Run.adjacency``).
+    weights, entry ``[i, j]`` the edge from gene i to gene j (``Run.adjacency``);
+    :func:`has_adjacency` tells it of a model class before it is built.
+:func:`bind_model` (guide ``bind_model(model) -> None``; default: nothing)
+    A guide that reads its model's point estimates (DCD-FG's factor values, NODAGS-Flow's
+    SEM noise, for ``posterior_latents``) is handed the model once, when the pair is built.
 :func:`transfer_parameters` (model and guide ``transfer_parameters(label_codes, reset=True) -> [(parameter, rows)]``; default [])
     What an out-of-distribution transfer fits for held-out labels.
 :func:`uses_dosage` (model ``uses_dosage: bool``; default True)
@@ -288,6 +292,22 @@ def adjacency(model: ZooModel) -> Adjacency | None:
     return Adjacency(as_array(out.weights), bool(out.is_probability), list(out.genes))
 
 
+def has_adjacency(model: ZooModel | type) -> bool:
+    """Whether a model, or a model class before it is built, is a gene-graph model (it
+    defines ``adjacency()``). Such a model intervenes on genes: its training data get
+    every measured gene as a potential perturbation
+    (:func:`pyro_perturb.data.targets.with_gene_perturbations`)."""
+    return callable(_member(model, "adjacency"))
+
+
+def bind_model(model: ZooModel, guide: ZooGuide) -> None:
+    """Hand ``model`` to a guide that declares ``bind_model`` (nothing otherwise);
+    :func:`pyro_perturb.registry.build` calls it on every pair it builds."""
+    fn = _member(guide, "bind_model")
+    if fn is not None:
+        fn(model)
+
+
 def mask_probabilities(guide: ZooGuide) -> MaskProbabilities | None:
     """The guide's latent masks ``q(mask = 1)`` with their row labels, or None (a guide
     without masks)."""
@@ -474,10 +494,12 @@ __all__ = [
     "adjacency",
     "as_array",
     "auxiliary_loss",
+    "bind_model",
     "cached_posterior",
     "check_pair",
     "composes",
     "init_from_data",
+    "has_adjacency",
     "latent_blocks",
     "likelihood_kind",
     "mask_probabilities",

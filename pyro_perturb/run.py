@@ -52,6 +52,8 @@ BUILTIN_DATA = {
     "sparse_shift": {},
     "factorized": {"covariate_keys": ["cell_line"]},
     "comparative": {},
+    "causal_dag": {},
+    "cyclic_graph": {},
 }
 
 
@@ -75,6 +77,47 @@ def read_data(path: str | os.PathLike, backed: bool = False):
         return anndata.read_h5ad(path, backed="r" if backed else None)
     except Exception as e:
         raise ValueError(f"could not read {str(path)!r} as an .h5ad file: {e}") from None
+
+
+def hold_out_perturbations(adata, data_options: dict, seed: int, strict: bool = True):
+    """``adata`` with whole perturbations held out as its test split when
+    ``data_options["heldout_perturbations"]`` lists labels (``fit(...,
+    heldout_perturbations=[...])``, ``--heldout-perturbations``): a copy whose
+    ``obs[split_key]`` sends those labels' cells to ``test`` and the others' to
+    train/val (:func:`~pyro_perturb.data.splits.heldout_perturbation_split`, seeded by
+    ``seed``; a fraction of the controls then goes to test too, see ``split_key`` of
+    :meth:`~pyro_perturb.data.PerturbationData.from_anndata`). Unchanged without such
+    labels, or when the data already has the split column. ``strict``: every listed label
+    must be in the data (training); otherwise the absent ones are skipped (other data
+    encoded with the run's vocabulary)."""
+    heldout = list(data_options.get("heldout_perturbations") or [])
+    split_key = data_options.get("split_key") or "split"
+    if not heldout or isinstance(adata, PerturbationData) or split_key in adata.obs.columns:
+        if heldout and strict and not isinstance(adata, PerturbationData):
+            raise ValueError(
+                f"heldout_perturbations and the data's own split column obs[{split_key!r}] both say which cells "
+                "are held out; drop one"
+            )
+        return adata
+    from .data.splits import heldout_perturbation_split
+
+    key = data_options.get("perturbation_key") or "perturbation"
+    control = data_options.get("control") or "control"
+    if control in heldout:
+        raise ValueError(f"heldout_perturbations holds the control label {control!r}; training needs control cells")
+    if key not in adata.obs.columns:
+        return adata  # from_anndata names the missing column
+    if not strict:
+        present = set(adata.obs[key].astype(str).str.strip())
+        heldout = [h for h in heldout if h in present]
+        if not heldout:
+            return adata
+    if getattr(adata, "isbacked", False):
+        raise ValueError(
+            "heldout_perturbations needs the data in memory; with backed data write the split column into "
+            "the file first (pyro_perturb.data.splits.heldout_perturbation_split) and pass split_key"
+        )
+    return heldout_perturbation_split(adata, heldout, perturbation_key=key, seed=seed, split_key=split_key)
 
 
 class Run:
@@ -158,6 +201,11 @@ class Run:
     def encode(self, data, **options) -> PerturbationData:
         """Encode ``data`` (AnnData, path, or PerturbationData) with this run's vocabulary."""
         if isinstance(data, PerturbationData):
+            if data.spec.perturbations != self.spec.perturbations and data.spec.genes == self.spec.genes:
+                # e.g. the data a gene-graph model was given, before every gene joined its vocabulary
+                from .data.targets import with_perturbation_vocabulary
+
+                return with_perturbation_vocabulary(data, self.spec.perturbations)
             return data
         if isinstance(data, (str, os.PathLike)):
             data = read_data(data)
@@ -165,6 +213,7 @@ class Run:
         if "heldout_control_fraction" in self.data_options:  # the training split's, so that controls match
             opts["heldout_control_fraction"] = self.data_options["heldout_control_fraction"]
         opts.update(options)
+        data = hold_out_perturbations(data, self.data_options, self.train_config.seed, strict=False)
         return PerturbationData.from_anndata(data, spec=self.spec, **opts)
 
     # ------------------------------------------------------------------ estimands
@@ -399,6 +448,38 @@ class Run:
                                        delta=DEFAULT_DELTA if delta is None else delta, fdr=fdr, method=method,
                                        **options)
 
+    # ------------------------------------------------------------------ gene graphs
+    def _graph(self):
+        from . import contract
+
+        graph = contract.adjacency(self.model)
+        if graph is None:
+            graph_models = [e.name for e in list_models() if contract.has_adjacency(e.model_cls)]
+            raise ValueError(
+                f"model {self.name!r} has no gene graph (no adjacency()); the gene-graph models are: "
+                f"{', '.join(graph_models) or 'none registered'}"
+            )
+        return graph
+
+    def adjacency(self, threshold: float | None = None) -> pd.DataFrame:
+        """The learned gene graph of a gene-graph model (DCD-FG, NODAGS-Flow): genes x
+        genes DataFrame, entry ``[i, j]`` the weight of the edge gene i -> gene j (rows:
+        source, columns: target); edge probabilities or magnitudes (see
+        :class:`~pyro_perturb.contract.Adjacency`). ``threshold``: entries with ``|weight|
+        <= threshold`` set to 0 (a number >= 0, <= 1 for probabilities). A model without a
+        graph raises ValueError."""
+        from .evaluate.graph import adjacency_frame
+
+        return adjacency_frame(self._graph(), threshold)
+
+    def edges(self, threshold: float | None = None, top: int | None = None) -> pd.DataFrame:
+        """Edge list of the learned graph: columns ``source``, ``target``, ``weight``,
+        strongest ``|weight|`` first; the edges with ``|weight| > threshold`` (default 0.5
+        for probabilities, 0 for magnitudes: every non-zero edge), the first ``top``."""
+        from .evaluate.graph import edge_list
+
+        return edge_list(self._graph(), threshold, top)
+
     # ------------------------------------------------------------------ persistence
     def config(self) -> dict:
         return {
@@ -520,7 +601,9 @@ def fit(
             see ``shuffle_block_size`` for faster reads). Default: as the resumed run,
             else in memory.
         **settings: data options (``perturbation_key``, ``control``, ``covariate_keys``,
-            ``layer``, ``split_key``, ``combination_separator``, ``dose_key``), model
+            ``layer``, ``split_key``, ``combination_separator``, ``dose_key``,
+            ``heldout_perturbations``: labels whose cells all form the test split, see
+            :func:`hold_out_perturbations`), model
             hyperparameters (e.g. ``n_latent``) and training settings
             (:class:`~pyro_perturb.infer.TrainConfig`), over the model's registered
             defaults. The training budget: the registered defaults cap it in optimizer
@@ -530,7 +613,10 @@ def fit(
             not used), as it was before step budgets existed.
 
     The returned run's ``data`` is the encoded training data, and its ``data_source``
-    says where they came from (:class:`Run`).
+    says where they came from (:class:`Run`). A gene-graph model (one with
+    ``adjacency()``) gets every measured gene in its vocabulary of perturbations
+    (:func:`~pyro_perturb.data.targets.with_gene_perturbations`): it can predict the
+    knockout of a gene it never saw perturbed.
 
     Launched by ``torchrun`` (``WORLD_SIZE`` > 1), it starts the process group and
     trains data-parallel (:mod:`pyro_perturb.infer.distributed`); only rank 0 writes
@@ -538,6 +624,10 @@ def fit(
     """
     entry = get_entry(model)
     data_options = {k: settings.pop(k) for k in DATA_KEYS if k in settings}
+    heldout = settings.pop("heldout_perturbations", None)
+    if heldout:
+        heldout = [heldout] if isinstance(heldout, str) else [str(h).strip() for h in heldout]
+        data_options["heldout_perturbations"] = heldout
     out = Path(out) if out is not None else None
     if resume:
         if out is None:
@@ -577,8 +667,11 @@ def fit(
         data_source = saved_source  # in memory: a resumed run keeps the source it had
 
     if isinstance(adata, PerturbationData):
+        if data_options.get("heldout_perturbations"):
+            raise ValueError("heldout_perturbations needs an AnnData (or .h5ad), not an encoded PerturbationData")
         pdata = adata
     else:
+        adata = hold_out_perturbations(adata, data_options, train_cfg.seed)
         opts = {k: v for k, v in data_options.items() if k in DATA_KEYS}
         pdata = PerturbationData.from_anndata(adata, seed=train_cfg.seed, **opts)
     if entry.needs_perturbations and pdata.spec.n_perturbations == 0:
@@ -587,6 +680,13 @@ def fit(
             f"control label {pdata.spec.control!r}; check the column and control=... (--control), or train a "
             f"model of unperturbed cells: {', '.join(e.name for e in list_models() if not e.needs_perturbations)}"
         )
+
+    from . import contract
+
+    if contract.has_adjacency(entry.model_cls):  # a gene graph can intervene on any of its genes
+        from .data.targets import with_gene_perturbations
+
+        pdata = with_gene_perturbations(pdata)
 
     # parameter initialisation is part of what the seed fixes
     pyro.set_rng_seed(train_cfg.seed)

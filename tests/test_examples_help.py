@@ -21,6 +21,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
         ("svae_simulation", "--tiny"),
         ("fcr_cell_context", "--tiny"),
         ("comparative_perturbseq", "--tiny"),
+        ("causal_graph", "--tiny"),
     ],
 )
 def test_example_has_help_and_its_smoke_flag(name, smoke_flag, monkeypatch, capsys):

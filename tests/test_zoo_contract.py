@@ -23,8 +23,12 @@ SMALL_SIMS = {
     "sparse_shift": dict(n_latent=4, n_perturbations=6, cells_per_perturbation=25, n_control_cells=25, n_genes=30, n_heldout=2),
     "factorized": dict(n_covariates=2, n_treatments=3, cells_per_group=20, n_genes=30, n_heldout_pairs=1),
     "comparative": dict(n_perturbations=2, n_control_cells=40, cells_per_perturbation=25, n_genes=30),
+    "causal_dag": dict(n_genes=12, cells_per_intervention=15, n_control_cells=40),
+    "cyclic_graph": dict(n_genes=8, cells_per_perturbation=12, n_control_cells=24),
 }
 TINY_HP = {"n_latent": 4, "n_hidden": 16}
+#: gene-graph models whose sparsity penalty enters the loss as an auxiliary loss
+PENALISED_GRAPH_MODELS = ("dcdfg", "nodags")
 NAMES = [entry.name for entry in list_models()]
 
 
@@ -77,11 +81,13 @@ def test_pair_meets_the_contract(name, datasets):
     model, guide, hparams = build(name, data.spec, _hparams(entry), gene_stats=data.gene_stats())
     batch = data.batch(data.indices("train")[:12], n_cells=len(data.indices("train")))
     contract.check_pair(model, guide, batch)
-    assert contract.likelihood_kind(model) == hparams["likelihood"]
+    # gene-graph models have no likelihood choice: they score log-normalised expression
+    graph_model = contract.adjacency(model) is not None
+    assert contract.likelihood_kind(model) == hparams.get("likelihood", "gaussian" if graph_model else None)
     assert contract.composes(model) is (entry.default_data != "sparse_shift")
     settings = contract.optimizer_settings(model, guide)
     assert (settings.adversary is not None) is (name == "fcr")
-    assert (contract.auxiliary_loss(model) is not None) is (name in ("fcr", "co_cvae"))
+    assert (contract.auxiliary_loss(model) is not None) is (name in ("fcr", "co_cvae", *PENALISED_GRAPH_MODELS))
     assert (contract.training_loss(model) is not None) is (name == "mo_cvae")
     width = contract.treatment_network_width(guide)
     assert width == (max(hparams["n_hidden"], 2 * hparams["n_latent"]) if name == "sams_vae" else 0)

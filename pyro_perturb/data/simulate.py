@@ -907,3 +907,5 @@ def factorized(
 
 # the comparative (background / target) simulator lives in its own module
 from pyro_perturb.data.simulate_comparative import comparative  # noqa: E402,F401
+from pyro_perturb.data.simulate_dag import causal_dag  # noqa: E402,F401  (gene-graph DAG simulator)
+from pyro_perturb.data.simulate_cyclic import cyclic_graph  # noqa: E402,F401  (gene-graph cyclic simulator)

@@ -9,9 +9,13 @@ single perturbation of the :class:`~pyro_perturb.data.DataSpec`, the column of i
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import numpy as np
+import scipy.sparse as sp
 import torch
 
-from .anndata import DataSpec
+from .anndata import DataSpec, PerturbationData
 
 #: how a perturbation that names no measured gene is treated: ``"error"`` refuses the
 #: data; ``"ignore"`` keeps its cells with no targeted gene (the graph then treats them as
@@ -57,3 +61,53 @@ def targeted_genes(dosage: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """``(B, G)`` bool: the genes each cell's perturbations target. ``dosage`` ``(B, T)``,
     ``targets`` ``(T, G)`` (:func:`target_matrix`, on the dosage's device)."""
     return (dosage.abs() @ targets) > 0
+
+
+def gene_perturbation_vocabulary(spec: DataSpec) -> list[str]:
+    """The single perturbations of ``spec`` plus every measured gene, sorted: what a
+    gene-graph model's vocabulary is (:func:`with_gene_perturbations`).
+
+    A gene whose name contains the combination separator or is the control label cannot
+    be written as a label and is left out."""
+    genes = [g for g in spec.genes if spec.separator not in g and g != spec.control]
+    return sorted(set(spec.perturbations) | set(genes))
+
+
+def with_gene_perturbations(data: PerturbationData) -> PerturbationData:
+    """``data`` with every measured gene in its vocabulary of single perturbations.
+
+    A gene graph knows how to intervene on any of its genes, also on one whose knockout
+    is not in the data (e.g. a knockout held out of training, or never run): with this
+    vocabulary, ``Run.effects(["GENE"])`` / ``predict --perturbations GENE`` and
+    encoding new data whose labels name measured genes work like for the data's own
+    perturbations. The training code applies it to the models with a graph
+    (:func:`pyro_perturb.contract.has_adjacency`). The dosage gains zero columns for
+    the added genes (columns follow :func:`gene_perturbation_vocabulary`); the label
+    vocabulary, counts and split are ``data``'s (shared, not copied).
+    """
+    return with_perturbation_vocabulary(data, gene_perturbation_vocabulary(data.spec))
+
+
+def with_perturbation_vocabulary(data: PerturbationData, vocabulary: list[str]) -> PerturbationData:
+    """``data`` re-encoded over a wider vocabulary of single perturbations (its dosage
+    columns moved to theirs, zero columns for the others); ``data`` itself when the
+    vocabulary is already its own. A perturbation of ``data`` outside ``vocabulary`` is a
+    ``ValueError`` naming it."""
+    spec = data.spec
+    vocabulary = list(vocabulary)
+    if vocabulary == list(spec.perturbations):
+        return data
+    missing = [p for p in spec.perturbations if p not in set(vocabulary)]
+    if missing:
+        raise ValueError(f"the data's perturbations {missing[:5]} are not in the vocabulary of {len(vocabulary)} perturbations")
+    column = {p: j for j, p in enumerate(vocabulary)}
+    old_to_new = np.array([column[p] for p in spec.perturbations], dtype=np.int64)
+    coo = data.dosage.tocoo()
+    dosage = sp.csr_matrix(
+        (coo.data, (coo.row, old_to_new[coo.col] if coo.nnz else coo.col)),
+        shape=(data.n_cells, len(vocabulary)),
+    )
+    return PerturbationData(
+        data.adata, data.counts, dosage, data.labels, data.covariates, data.library, data.split,
+        replace(spec, perturbations=vocabulary),
+    )

@@ -21,6 +21,7 @@ from ..data.anndata import SPLITS
 from ..infer.checkpoint import atomic_json
 from ..infer.iwelbo import iwelbo
 from .ate import ate_evaluator
+from .graph import graph_evaluator
 from .groups import group_evaluator
 from .recovery import recovery_evaluator
 
@@ -30,8 +31,9 @@ Evaluator = Callable[..., None]
 
 #: the metric families :func:`evaluate_run` calls, in this order: ATE by posterior
 #: predictive (models with a dosage), group means (data with covariates), latent recovery
-#: (data with a simulator's ground truth)
-EVALUATORS: tuple[Evaluator, ...] = (ate_evaluator, group_evaluator, recovery_evaluator)
+#: (data with a simulator's ground truth), gene graphs (models with ``adjacency()``:
+#: edges against a true graph, interventional NLL beside the no-edge baseline)
+EVALUATORS: tuple[Evaluator, ...] = (ate_evaluator, group_evaluator, recovery_evaluator, graph_evaluator)
 
 
 def evaluate_run(
@@ -49,13 +51,17 @@ def evaluate_run(
     default 250, integrated), ``ate_library`` (``"observed"``, default, or a number: the depth of the
     model's drawn cells), ``ate_ppc`` / ``ate_plots`` (bools), ``ppc_draws``,
     ``ate_data_cells``, ``ate_memory_mb`` (the model ATE's working-memory budget).
+    The evaluators also receive ``options["iwelbo_per_cell"]``, ``{split: (n,) array}``
+    of the per-cell IWELBO computed here (the gene-graph evaluator's I-NLL per label).
     """
     results: dict = {}
+    per_cell: dict = {}
     for split in splits:
         idx = data.indices(split)
         entry: dict = {"n_cells": int(len(idx))}
         if len(idx):
             values = iwelbo(run.model, run.guide, data, split, num_particles, seed=seed, device=run.device)
+            per_cell[split] = values
             entry["iwelbo"] = float(values.mean())
             entry["iwelbo_se"] = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
         else:
@@ -65,7 +71,7 @@ def evaluate_run(
     results["num_particles"] = num_particles
     out = Path(out_dir) if out_dir is not None else None
     for evaluator in EVALUATORS:
-        evaluator(run, data, results, out, seed, dict(options or {}))
+        evaluator(run, data, results, out, seed, {**dict(options or {}), "iwelbo_per_cell": per_cell})
     return results
 
 

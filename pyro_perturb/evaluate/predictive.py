@@ -278,6 +278,13 @@ class CountSite(Messenger):
         elif isinstance(base, torch.distributions.Normal):
             self.kind = "gaussian"
             self._params = (base.loc, base.scale)
+        elif callable(getattr(base, "predictive_normal", None)):
+            # a distribution of log-normalised expression without closed-form moments
+            # (NODAGS-Flow's SEM): one draw per particle, as a Normal of ~zero width, so
+            # that the particles carry its noise
+            normal = base.predictive_normal()
+            self.kind = "gaussian"
+            self._params = (normal.loc, normal.scale)
         else:
             raise ValueError(
                 f"the model's count site 'x' is a {type(base).__name__}: the model effects need a "
