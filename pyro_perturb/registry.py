@@ -435,6 +435,8 @@ for _name, _desc, _model in [
             default_data="comparative",
         )
     )
+
+
 # ---------------------------------------------------------------- scVI (docs/models.md, "scVI")
 # Training defaults as scVI's: Adam at lr 1e-3, batch 128, analytic KL (meanfield ELBO),
 # the step budget above; the data's
@@ -449,6 +451,10 @@ register(
         train_defaults=with_step_budget(dict(lr=1e-3, batch_size=128, elbo="meanfield")),
         default_data="factorized",
         needs_perturbations=False,  # plain scVI never sees the dosage (use_perturbation=False)
+    )
+)
+
+
 # ---------------------------------------------------------------- DCD-FG (docs/models.md, "DCD-FG")
 # Training defaults: Adam at lr 1e-2 (the mask logits must move far from 0 within a few thousand
 # steps; the authors' RMSprop at 1e-3 runs to convergence over many epochs), batch 256, 3,000
