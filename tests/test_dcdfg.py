@@ -116,7 +116,8 @@ def test_constraint_decreases_and_edges_are_recovered(tmp_path):
     data = pp.PerturbationData.from_anndata(adata, **options)
     truth = adata.varp["true_adjacency"] != 0
     density = truth.sum() / (truth.size - len(truth))
-    run = pp.fit(data, model="dcdfg", max_steps=600, val_every_steps=150, progress=False, device="cpu", seed=0)
+    run = pp.fit(data, model="dcdfg", max_steps=600, val_every_steps=150, progress=False, device="cpu", seed=0,
+                 constraint_every=50)
     model = run.model
     model.eval()
     with torch.no_grad():

@@ -168,7 +168,10 @@ class DCDFGModel(PyroModule):
         constraint_mu_init: initial augmented-Lagrangian penalty weight mu.
         constraint_growth: factor on mu when the constraint did not progress.
         constraint_progress: required ratio of h between two updates.
-        constraint_every: training steps between updates of gamma and mu.
+        constraint_every: training steps between updates of gamma and mu (200: with 50,
+            the constraint was enforced before the likelihood had found the edges'
+            directions, and 100-gene fits often came out reversed; see
+            bench/results/graph_dcdfg/README.md).
         unmatched_targets: ``"error"`` or ``"ignore"`` (:func:`target_matrix`).
     """
 
@@ -189,7 +192,7 @@ class DCDFGModel(PyroModule):
         constraint_mu_init: float = 1e-2,
         constraint_growth: float = 10.0,
         constraint_progress: float = 0.9,
-        constraint_every: int = 50,
+        constraint_every: int = 200,
         unmatched_targets: str = "error",
     ) -> None:
         super().__init__()
