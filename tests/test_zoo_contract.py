@@ -17,15 +17,8 @@ from pyro_perturb.cli import main
 from pyro_perturb.registry import ModelEntry, build, list_models, register
 
 from .devices import TEST_DEVICE, assert_device_clean
+from .small_sims import SMALL_SIMS
 
-SMALL_SIMS = {
-    "combinatorial": dict(n_singles=4, n_doubles=2, cells_per_perturbation=25, n_control_cells=50, n_genes=30, n_ate_draws=20),
-    "sparse_shift": dict(n_latent=4, n_perturbations=6, cells_per_perturbation=25, n_control_cells=25, n_genes=30, n_heldout=2),
-    "factorized": dict(n_covariates=2, n_treatments=3, cells_per_group=20, n_genes=30, n_heldout_pairs=1),
-    "comparative": dict(n_perturbations=2, n_control_cells=40, cells_per_perturbation=25, n_genes=30),
-    "causal_dag": dict(n_genes=12, cells_per_intervention=15, n_control_cells=40),
-    "cyclic_graph": dict(n_genes=8, cells_per_perturbation=12, n_control_cells=24),
-}
 TINY_HP = {"n_latent": 4, "n_hidden": 16}
 #: gene-graph models whose sparsity penalty enters the loss as an auxiliary loss
 PENALISED_GRAPH_MODELS = ("dcdfg", "nodags")

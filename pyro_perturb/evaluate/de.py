@@ -341,6 +341,12 @@ def differential_expression(
     if not pseudocount > 0:
         raise ValueError(f"pseudocount must be > 0, got {pseudocount}")
 
+    if contract.has_adjacency(run.model):
+        raise ValueError(
+            f"model {run.name!r} is a gene-graph model: its parameters are point estimates and a cell has no "
+            "latent state to take a posterior over, so there is no posterior probability of differential "
+            "expression to compute; its predicted knockout effects are run.ate([...])"
+        )
     data = run.data if data is None else run.encode(data)
     spec = data.spec
     label_a = run._canonical(perturbation)[0] if str(perturbation).strip() else ""
