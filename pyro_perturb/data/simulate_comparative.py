@@ -21,58 +21,22 @@ from typing import Any
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
-import pandas as pd
-
 from pyro_perturb.data.splits import _as_categorical, _check_fraction, _stratified_train_val
-
-# pyro_perturb.data.simulate re-exports this module, so its private helpers cannot be
-# imported here (an import cycle): the few this simulator needs follow, in the same
-# conventions (labels, orthogonal hidden layers, Gamma-Poisson counts, AnnData layout).
-CONTROL = "control"
-_NEGATIVE_SLOPE = 0.2
-_GENE_BIAS_SD = 0.5
-_HIDDEN_BIAS_SD = 0.5
-_LIKELIHOODS = ("nb", "poisson")
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _check_positive(name: str, value: Any, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    value = float(value)
-    if not np.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be finite and {'>= 0' if allow_zero else '> 0'}, got {value!r}")
-    return value
-
-
-def _orthogonal(rng: np.random.Generator, n_in: int, n_out: int) -> np.ndarray:
-    """A random (n_in, n_out) matrix with orthonormal rows or columns (Haar measure)."""
-    q, r = np.linalg.qr(rng.standard_normal((max(n_in, n_out), min(n_in, n_out))))
-    q = q * np.sign(np.diag(r))
-    return q if n_in >= n_out else q.T
-
-
-def _leaky_relu(x: np.ndarray) -> np.ndarray:
-    return np.where(x > 0, x, _NEGATIVE_SLOPE * x)
-
-
-def _sample_counts(rng: np.random.Generator, mean: np.ndarray, theta: np.ndarray | None) -> np.ndarray:
-    """NB(mean, theta) as Gamma-Poisson (Poisson if theta is None)."""
-    rate = mean if theta is None else rng.gamma(theta.astype(np.float64), mean / theta.astype(np.float64))
-    return rng.poisson(rate)
-
-
-def _names(prefix: str, n: int, min_width: int) -> list[str]:
-    width = max(min_width, len(str(max(n - 1, 0))))
-    return [f"{prefix}{i:0{width}d}" for i in range(n)]
-
+from pyro_perturb.data.simulate_common import (
+    CONTROL,
+    _GENE_BIAS_SD,
+    _HIDDEN_BIAS_SD,
+    _LIKELIHOODS,
+    _check_int,
+    _check_positive,
+    _leaky_relu,
+    _names,
+    _orthogonal,
+    _sample_counts,
+)
 
 #: decoder families: piecewise affine (leaky ReLU) or smooth (tanh)
 DECODERS = ("relu", "smooth")
