@@ -158,6 +158,10 @@ def one_run(adata, model: str, fold: int, seed: int, args) -> dict:
         "per_label": table.to_dict("records"),
         "pathway": pathway_edges(run),
         "n_edges_nonzero": int((np.abs(run.adjacency().to_numpy()) > 0).sum()),
+        # the edges Run.edges() calls (probability > 0.5; every non-zero magnitude), and the
+        # strongest 1% for comparison across models of different weight scales
+        "n_edges_called": int(len(run.edges())),
+        "n_genes_with_out_edges": int(run.edges()["source"].nunique()),
         "hparams": run.hparams,
     }
 
